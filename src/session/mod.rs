@@ -1,0 +1,292 @@
+//! One client connection from accept to close: opening negotiation, upstream connect,
+//! authentication relay, then the two pumps until either side ends.
+//!
+//! Every failure a client can be told about becomes a clear ErrorResponse (SQLSTATE
+//! 08006 when the upstream is unreachable or gone, 08P01 for protocol violations, 53300
+//! when the proxy is full). A failing session never affects another one and never
+//! panics on input.
+
+pub mod cancel;
+pub mod conn;
+pub mod negotiate;
+pub mod pump;
+pub mod state;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::wire::messages::{ErrorReport, Severity};
+use crate::wire::startup::{CancelKey, StartupError};
+use cancel::CancelRegistry;
+use conn::Framed;
+use negotiate::{negotiate, Opening};
+use pump::{Direction, Pump, PumpEnd, PumpError};
+use state::SessionState;
+use upstream::AuthOutcome;
+
+/// Why a session ended abnormally.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("client I/O: {0}")]
+    ClientIo(io::Error),
+    #[error("client TLS handshake: {0}")]
+    ClientTls(io::Error),
+    #[error("invalid startup packet: {0}")]
+    ClientStartup(StartupError),
+    #[error("protocol violation by client: {0}")]
+    ClientProtocol(String),
+    #[error("upstream I/O: {0}")]
+    UpstreamIo(io::Error),
+    #[error("cannot connect to upstream database {address}: {reason}")]
+    UpstreamUnreachable { address: String, reason: String },
+    #[error("upstream closed the connection")]
+    UpstreamClosed,
+    #[error("protocol violation by upstream: {0}")]
+    UpstreamProtocol(String),
+    #[error("{}", .0.message)]
+    Refused(ErrorReport),
+    #[error("startup did not complete within {0:?}")]
+    StartupTimeout(Duration),
+}
+
+impl SessionError {
+    /// The error to send the client, if any is worth sending.
+    fn report(&self) -> Option<ErrorReport> {
+        let fatal = |code, message: String| ErrorReport::new(Severity::Fatal, code, message);
+        match self {
+            SessionError::ClientIo(_) | SessionError::ClientTls(_) => None,
+            SessionError::ClientStartup(error) => Some(fatal("08P01", format!("pgveil: {error}"))),
+            SessionError::ClientProtocol(message) => {
+                Some(fatal("08P01", format!("pgveil: protocol violation: {message}")))
+            }
+            SessionError::UpstreamUnreachable { address, reason } => Some(
+                fatal(
+                    "08006",
+                    format!("pgveil: cannot connect to upstream database {address}: {reason}"),
+                )
+                .with_hint("check that PostgreSQL is running and that upstream in the pgveil config points at it"),
+            ),
+            SessionError::UpstreamIo(error) => Some(fatal(
+                "08006",
+                format!("pgveil: connection to upstream database lost: {error}"),
+            )),
+            SessionError::UpstreamClosed => Some(fatal(
+                "08006",
+                "pgveil: upstream database closed the connection unexpectedly".into(),
+            )),
+            SessionError::UpstreamProtocol(message) => Some(fatal(
+                "08006",
+                format!("pgveil: upstream database sent an invalid message: {message}"),
+            )),
+            SessionError::Refused(report) => Some(report.clone()),
+            SessionError::StartupTimeout(limit) => Some(fatal(
+                "08P01",
+                format!("pgveil: startup and authentication did not complete within {} s", limit.as_secs()),
+            )),
+        }
+    }
+}
+
+/// TLS towards the upstream server.
+pub struct UpstreamTls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+/// Everything sessions share: configuration, TLS, the cancel registry and counters.
+pub struct ProxyContext {
+    pub config: Config,
+    pub client_tls: Option<TlsAcceptor>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub cancels: CancelRegistry,
+    sessions: AtomicUsize,
+}
+
+impl ProxyContext {
+    pub fn new(
+        config: Config,
+        client_tls: Option<TlsAcceptor>,
+        upstream_tls: Option<UpstreamTls>,
+    ) -> Self {
+        ProxyContext {
+            config,
+            client_tls,
+            upstream_tls,
+            cancels: CancelRegistry::default(),
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    /// Client sessions currently open.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    fn try_admit(&self) -> Option<Admission<'_>> {
+        let before = self.sessions.fetch_add(1, Ordering::AcqRel);
+        if before >= self.config.limits.max_connections {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admission(&self.sessions))
+    }
+}
+
+/// A counted session slot, released on drop.
+struct Admission<'a>(&'a AtomicUsize);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one accepted client connection to the end.
+pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+    let _ = socket.set_nodelay(true);
+    let startup_limit = ctx.config.limits.startup_timeout();
+    let opening = match timeout(startup_limit, negotiate(socket, ctx.client_tls.as_ref())).await {
+        Ok(Ok(Some(opening))) => opening,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            // The connection is gone with the negotiation future; nothing more to say.
+            info!(%peer, %error, "client opening refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "client sent no startup packet in time");
+            return;
+        }
+    };
+    match opening {
+        Opening::Cancel(key) => cancel::forward(&ctx.cancels, key).await,
+        Opening::Session { mut client, startup } => {
+            let Some(_admission) = ctx.try_admit() else {
+                warn!(%peer, limit = ctx.config.limits.max_connections, "connection limit reached");
+                let report = ErrorReport::new(
+                    Severity::Fatal,
+                    "53300",
+                    "pgveil: sorry, too many clients already",
+                )
+                .with_hint(format!(
+                    "limits.max_connections is {}; raise it or close idle sessions",
+                    ctx.config.limits.max_connections
+                ));
+                let _ = send_report(&mut client.conn, &report).await;
+                return;
+            };
+            let user = startup
+                .parameter(b"user")
+                .map(|u| String::from_utf8_lossy(u).into_owned())
+                .unwrap_or_default();
+            debug!(%peer, %user, "session starting");
+            let (upstream, upstream_address, cancel_key) =
+                match authenticate(&mut client, &startup, &ctx, startup_limit).await {
+                    Ok(Some(ready)) => ready,
+                    Ok(None) => return,
+                    Err(error) => {
+                        info!(%peer, %user, %error, "session refused");
+                        if let Some(report) = error.report() {
+                            let _ = send_report(&mut client.conn, &report).await;
+                        }
+                        return;
+                    }
+                };
+            let _registration = cancel_key.map(|key| ctx.cancels.register(key, upstream_address));
+            match relay(client, upstream).await {
+                None => debug!(%peer, %user, "session ended"),
+                Some(error) => info!(%peer, %user, %error, "session ended with an error"),
+            }
+        }
+    }
+}
+
+/// Writes one of pgveil's own errors, without waiting long for a client that does not
+/// read.
+async fn send_report<W: AsyncWrite + Unpin>(writer: &mut W, report: &ErrorReport) -> io::Result<()> {
+    let send = async {
+        writer.write_all(&report.encode()).await?;
+        writer.flush().await
+    };
+    match timeout(Duration::from_secs(5), send).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client did not read")),
+    }
+}
+
+/// Connects upstream and relays authentication. `Ok(None)` when the exchange ended
+/// without a session (refused login, already reported by the server; or client gone).
+async fn authenticate(
+    client: &mut Framed,
+    startup: &crate::wire::startup::StartupMessage,
+    ctx: &ProxyContext,
+    startup_limit: Duration,
+) -> Result<Option<(Framed, SocketAddr, Option<CancelKey>)>, SessionError> {
+    let exchange = async {
+        let (mut upstream, upstream_address) = upstream::connect(ctx).await?;
+        let outcome = upstream::relay_authentication(client, &mut upstream, startup).await?;
+        Ok::<_, SessionError>(match outcome {
+            AuthOutcome::Ready(key) => Some((upstream, upstream_address, key)),
+            AuthOutcome::Ended => None,
+        })
+    };
+    timeout(startup_limit, exchange)
+        .await
+        .map_err(|_| SessionError::StartupTimeout(startup_limit))?
+}
+
+/// Runs both pumps until one side ends, then says what happened to the client when it
+/// can still be told.
+async fn relay(client: Framed, upstream: Framed) -> Option<SessionError> {
+    let state = Mutex::new(SessionState::new());
+    let (mut client_read, mut client_write) = tokio::io::split(client.conn);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream.conn);
+    let mut to_server = Pump::new(Direction::ClientToServer, client.buf);
+    let mut to_client = Pump::new(Direction::ServerToClient, upstream.buf);
+
+    enum Ended {
+        Client(Result<PumpEnd, PumpError>),
+        Upstream(Result<PumpEnd, PumpError>),
+    }
+    let ended = tokio::select! {
+        end = to_server.run(&mut client_read, &mut upstream_write, &state) => Ended::Client(end),
+        end = to_client.run(&mut upstream_read, &mut client_write, &state) => Ended::Upstream(end),
+    };
+    let error = match ended {
+        Ended::Client(Ok(PumpEnd::Terminated)) => {
+            let _ = upstream_write.shutdown().await;
+            None
+        }
+        // The client left; dropping the upstream connection frees its backend.
+        Ended::Client(Ok(PumpEnd::Eof)) | Ended::Client(Err(PumpError::Read(_))) => None,
+        Ended::Client(Err(PumpError::Write(error))) => Some(SessionError::UpstreamIo(error)),
+        Ended::Client(Err(error)) => Some(SessionError::ClientProtocol(error.to_string())),
+        Ended::Upstream(Ok(_)) => {
+            (!to_client.last_was_fatal_error()).then_some(SessionError::UpstreamClosed)
+        }
+        Ended::Upstream(Err(PumpError::Write(_))) => None,
+        Ended::Upstream(Err(PumpError::Read(error))) => Some(SessionError::UpstreamIo(error)),
+        Ended::Upstream(Err(error)) => Some(SessionError::UpstreamProtocol(error.to_string())),
+    };
+    if let Some(report) = error.as_ref().and_then(SessionError::report) {
+        // Only between messages: a report inside a half-sent row would garble both.
+        if to_client.at_message_boundary() {
+            let _ = send_report(&mut client_write, &report).await;
+        }
+    }
+    let _ = timeout(Duration::from_secs(1), client_write.shutdown()).await;
+    error
+}
