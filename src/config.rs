@@ -367,7 +367,10 @@ mod tests {
     fn upstream_override_accepts_host_port_and_ipv6() {
         let mut config = Config::default();
         config.set_upstream("db.internal:6000").unwrap();
-        assert_eq!((config.upstream.host.as_str(), config.upstream.port), ("db.internal", 6000));
+        assert_eq!(
+            (config.upstream.host.as_str(), config.upstream.port),
+            ("db.internal", 6000)
+        );
         config.set_upstream("[::1]:5432").unwrap();
         assert_eq!(config.upstream.host, "::1");
         assert!(config.set_upstream("nohost").is_err());

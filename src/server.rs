@@ -41,16 +41,17 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
         )),
         None => None,
     };
-    let upstream_tls = match tls::upstream_config(config.upstream.sslmode, config.upstream.ca.as_deref())
-        .map_err(ServerError::UpstreamTls)?
-    {
-        Some(client_config) => Some(UpstreamTls {
-            connector: TlsConnector::from(client_config),
-            server_name: tls::upstream_server_name(&config.upstream.host)
-                .map_err(ServerError::UpstreamTls)?,
-        }),
-        None => None,
-    };
+    let upstream_tls =
+        match tls::upstream_config(config.upstream.sslmode, config.upstream.ca.as_deref())
+            .map_err(ServerError::UpstreamTls)?
+        {
+            Some(client_config) => Some(UpstreamTls {
+                connector: TlsConnector::from(client_config),
+                server_name: tls::upstream_server_name(&config.upstream.host)
+                    .map_err(ServerError::UpstreamTls)?,
+            }),
+            None => None,
+        };
     Ok(ProxyContext::new(config, client_tls, upstream_tls))
 }
 

@@ -72,8 +72,8 @@ pub fn upstream_config(
     sslmode: SslMode,
     ca: Option<&Path>,
 ) -> Result<Option<Arc<ClientConfig>>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut config = match sslmode {
         SslMode::Disable => return Ok(None),
         // As libpq without a root certificate: encrypt, but do not verify.

@@ -52,7 +52,10 @@ impl Drop for CancelRegistration<'_> {
 /// Delivers a CancelRequest to the backend that owns `key`.
 pub async fn forward(registry: &CancelRegistry, key: CancelKey) {
     let Some(upstream) = registry.owner(&key) else {
-        info!(process_id = key.process_id, "cancel request for an unknown key dropped");
+        info!(
+            process_id = key.process_id,
+            "cancel request for an unknown key dropped"
+        );
         return;
     };
     let deliver = async {

@@ -18,6 +18,8 @@ use crate::wire::startup::{try_split_startup, StartupPacket};
 
 /// A client or upstream connection, encrypted or not.
 pub enum Conn {
+    /// A connection handed over to a TLS handshake that did not give it back.
+    Closed,
     Plain(TcpStream),
     ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     UpstreamTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
@@ -36,6 +38,7 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
+            Conn::Closed => Poll::Ready(Ok(())),
             Conn::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Conn::ClientTls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
             Conn::UpstreamTls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
@@ -50,6 +53,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
+            Conn::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
             Conn::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             Conn::ClientTls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
             Conn::UpstreamTls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
@@ -58,6 +62,7 @@ impl AsyncWrite for Conn {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
+            Conn::Closed => Poll::Ready(Ok(())),
             Conn::Plain(stream) => Pin::new(stream).poll_flush(cx),
             Conn::ClientTls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
             Conn::UpstreamTls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
@@ -66,6 +71,7 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
+            Conn::Closed => Poll::Ready(Ok(())),
             Conn::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Conn::ClientTls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
             Conn::UpstreamTls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),

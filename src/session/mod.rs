@@ -52,6 +52,8 @@ pub enum SessionError {
     UpstreamIo(io::Error),
     #[error("cannot connect to upstream database {address}: {reason}")]
     UpstreamUnreachable { address: String, reason: String },
+    #[error("TLS to upstream database {address}: {reason}")]
+    UpstreamTls { address: String, reason: String },
     #[error("upstream closed the connection")]
     UpstreamClosed,
     #[error("protocol violation by upstream: {0}")]
@@ -79,6 +81,13 @@ impl SessionError {
                 )
                 .with_hint("check that PostgreSQL is running and that upstream in the pgveil config points at it"),
             ),
+            SessionError::UpstreamTls { address, reason } => Some(
+                fatal(
+                    "08006",
+                    format!("pgveil: cannot connect to upstream database {address}: {reason}"),
+                )
+                .with_hint("check upstream.sslmode and upstream.ca in the pgveil config against the server's TLS setup"),
+            ),
             SessionError::UpstreamIo(error) => Some(fatal(
                 "08006",
                 format!("pgveil: connection to upstream database lost: {error}"),
@@ -97,6 +106,14 @@ impl SessionError {
                 format!("pgveil: startup and authentication did not complete within {} s", limit.as_secs()),
             )),
         }
+    }
+}
+
+impl SessionError {
+    fn report_or_default(&self) -> ErrorReport {
+        self.report().unwrap_or_else(|| {
+            ErrorReport::new(Severity::Fatal, "08006", format!("pgveil: {self}"))
+        })
     }
 }
 
@@ -158,22 +175,35 @@ impl Drop for Admission<'_> {
 pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
     let _ = socket.set_nodelay(true);
     let startup_limit = ctx.config.limits.startup_timeout();
-    let opening = match timeout(startup_limit, negotiate(socket, ctx.client_tls.as_ref())).await {
+    let mut client = negotiate::accept(socket);
+    let opening = match timeout(
+        startup_limit,
+        negotiate(&mut client, ctx.client_tls.as_ref()),
+    )
+    .await
+    {
         Ok(Ok(Some(opening))) => opening,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
-            // The connection is gone with the negotiation future; nothing more to say.
             info!(%peer, %error, "client opening refused");
+            if let Some(report) = error.report() {
+                let _ = send_report(&mut client.conn, &report).await;
+            }
             return;
         }
         Err(_) => {
             info!(%peer, "client sent no startup packet in time");
+            let _ = send_report(
+                &mut client.conn,
+                &SessionError::StartupTimeout(startup_limit).report_or_default(),
+            )
+            .await;
             return;
         }
     };
     match opening {
         Opening::Cancel(key) => cancel::forward(&ctx.cancels, key).await,
-        Opening::Session { mut client, startup } => {
+        Opening::Session(startup) => {
             let Some(_admission) = ctx.try_admit() else {
                 warn!(%peer, limit = ctx.config.limits.max_connections, "connection limit reached");
                 let report = ErrorReport::new(
@@ -216,14 +246,20 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
 
 /// Writes one of pgveil's own errors, without waiting long for a client that does not
 /// read.
-async fn send_report<W: AsyncWrite + Unpin>(writer: &mut W, report: &ErrorReport) -> io::Result<()> {
+async fn send_report<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    report: &ErrorReport,
+) -> io::Result<()> {
     let send = async {
         writer.write_all(&report.encode()).await?;
         writer.flush().await
     };
     match timeout(Duration::from_secs(5), send).await {
         Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client did not read")),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client did not read",
+        )),
     }
 }
 

@@ -16,18 +16,20 @@ use crate::wire::startup::{CancelKey, StartupMessage, StartupPacket};
 /// What a new client connection turned out to be.
 pub enum Opening {
     Cancel(CancelKey),
-    Session {
-        client: Framed,
-        startup: StartupMessage,
-    },
+    Session(StartupMessage),
 }
 
-/// Runs the opening exchange. `Ok(None)` when the client left without asking anything.
+/// A fresh client connection, ready for [`negotiate`].
+pub fn accept(socket: TcpStream) -> Framed {
+    Framed::new(Conn::Plain(socket), BytesMut::new(), Peer::Client)
+}
+
+/// Runs the opening exchange on `client`, upgrading it to TLS when asked and
+/// configured. `Ok(None)` when the client left without asking anything.
 pub async fn negotiate(
-    socket: TcpStream,
+    client: &mut Framed,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Option<Opening>, SessionError> {
-    let mut client = Framed::new(Conn::Plain(socket), BytesMut::new(), Peer::Client);
     let mut answered_ssl = false;
     let mut answered_gss = false;
     loop {
@@ -45,25 +47,25 @@ pub async fn negotiate(
                         "received unencrypted data after SSLRequest".into(),
                     ));
                 }
-                client = match (tls, client.conn) {
-                    (Some(acceptor), Conn::Plain(mut socket)) => {
-                        socket.write_all(b"S").await.map_err(SessionError::ClientIo)?;
-                        let stream = acceptor
-                            .accept(socket)
-                            .await
-                            .map_err(SessionError::ClientTls)?;
-                        Framed::new(
-                            Conn::ClientTls(Box::new(stream)),
-                            BytesMut::new(),
-                            Peer::Client,
-                        )
-                    }
-                    (_, conn) => {
-                        let mut plain = Framed::new(conn, BytesMut::new(), Peer::Client);
-                        plain.write_all(b"N").await?;
-                        plain
-                    }
+                let Some(acceptor) = tls else {
+                    client.write_all(b"N").await?;
+                    continue;
                 };
+                let Conn::Plain(mut socket) = std::mem::replace(&mut client.conn, Conn::Closed)
+                else {
+                    return Err(SessionError::ClientProtocol(
+                        "SSLRequest on a TLS connection".into(),
+                    ));
+                };
+                socket
+                    .write_all(b"S")
+                    .await
+                    .map_err(SessionError::ClientIo)?;
+                let stream = acceptor
+                    .accept(socket)
+                    .await
+                    .map_err(SessionError::ClientTls)?;
+                client.conn = Conn::ClientTls(Box::new(stream));
             }
             StartupPacket::GssEncRequest => {
                 if answered_gss || client.conn.is_tls() {
@@ -80,9 +82,7 @@ pub async fn negotiate(
                 client.write_all(b"N").await?;
             }
             StartupPacket::Cancel(key) => return Ok(Some(Opening::Cancel(key))),
-            StartupPacket::Startup(startup) => {
-                return Ok(Some(Opening::Session { client, startup }))
-            }
+            StartupPacket::Startup(startup) => return Ok(Some(Opening::Session(startup))),
         }
     }
 }

@@ -153,7 +153,11 @@ impl Pump {
         }
     }
 
-    fn scan_from(&mut self, state: &mut SessionState, cursor: &mut usize) -> Result<Scanned, PumpError> {
+    fn scan_from(
+        &mut self,
+        state: &mut SessionState,
+        cursor: &mut usize,
+    ) -> Result<Scanned, PumpError> {
         let pos = cursor;
         let len = self.buf.len();
         loop {
@@ -232,7 +236,10 @@ mod tests {
     use super::*;
     use crate::wire::frame::encode_frame;
 
-    async fn pump_bytes(direction: Direction, input: &[u8]) -> (Vec<u8>, Result<PumpEnd, PumpError>) {
+    async fn pump_bytes(
+        direction: Direction,
+        input: &[u8],
+    ) -> (Vec<u8>, Result<PumpEnd, PumpError>) {
         let state = Mutex::new(SessionState::new());
         let mut pump = Pump::new(direction, BytesMut::new());
         let mut reader = input;
@@ -269,7 +276,10 @@ mod tests {
         encode_frame(&mut input, b'Q', b"select 1\0");
         input.extend_from_slice(b"Q\0\0\0\x02");
         let (output, end) = pump_bytes(Direction::ClientToServer, &input).await;
-        assert!(matches!(end, Err(PumpError::Frame(FrameError::TooShort { .. }))));
+        assert!(matches!(
+            end,
+            Err(PumpError::Frame(FrameError::TooShort { .. }))
+        ));
         assert_eq!(output.len(), 14);
     }
 
@@ -300,7 +310,10 @@ mod tests {
         let state = Mutex::new(SessionState::new());
         let mut pump = Pump::new(Direction::ServerToClient, BytesMut::new());
         let mut output = Vec::new();
-        let end = pump.run(&mut &input[..], &mut output, &state).await.unwrap();
+        let end = pump
+            .run(&mut &input[..], &mut output, &state)
+            .await
+            .unwrap();
         assert_eq!(end, PumpEnd::Eof);
         assert!(pump.last_was_fatal_error());
         assert!(pump.at_message_boundary());

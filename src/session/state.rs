@@ -214,7 +214,11 @@ impl SessionState {
         Ok(())
     }
 
-    fn pop_expected(&mut self, what: &'static str, matches: impl Fn(&Expected) -> bool) -> Option<Expected> {
+    fn pop_expected(
+        &mut self,
+        what: &'static str,
+        matches: impl Fn(&Expected) -> bool,
+    ) -> Option<Expected> {
         if self.pending.front().is_some_and(&matches) {
             return self.pending.pop_front();
         }
@@ -265,7 +269,9 @@ impl SessionState {
                 // Answers a Describe; inside a Query or Execute it starts a result set.
                 if matches!(
                     self.pending.front(),
-                    Some(Expected::StatementDescription { .. } | Expected::PortalDescription { .. })
+                    Some(
+                        Expected::StatementDescription { .. } | Expected::PortalDescription { .. }
+                    )
                 ) {
                     self.pending.pop_front();
                 }
@@ -386,7 +392,9 @@ mod tests {
     #[test]
     fn pipeline_creates_statement_and_portal_then_drops_portal_at_idle() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("s1", "select 1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("s1", "select 1"))
+            .unwrap();
         state.on_client_message(b'B', &bind("p1", "s1")).unwrap();
         state.on_client_message(b'D', &target(b'P', "p1")).unwrap();
         state.on_client_message(b'E', &execute("p1")).unwrap();
@@ -413,11 +421,15 @@ mod tests {
     #[test]
     fn error_mid_pipeline_skips_to_sync_and_the_next_batch_works() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("bad", "selec")).unwrap();
+        state
+            .on_client_message(b'P', &parse("bad", "selec"))
+            .unwrap();
         state.on_client_message(b'B', &bind("", "bad")).unwrap();
         state.on_client_message(b'E', &execute("")).unwrap();
         state.on_client_message(b'S', b"").unwrap();
-        state.on_client_message(b'P', &parse("good", "select 1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("good", "select 1"))
+            .unwrap();
         state.on_client_message(b'S', b"").unwrap();
 
         state.on_server_message(b'E', b"SERROR\0\0").unwrap();
@@ -442,7 +454,10 @@ mod tests {
         state.on_client_message(b'B', &bind("", "")).unwrap();
         state.on_client_message(b'E', &execute("")).unwrap();
         state.on_client_message(b'S', b"").unwrap();
-        assert_eq!(state.pending().iter().collect::<Vec<_>>(), vec![&Expected::SyncReady]);
+        assert_eq!(
+            state.pending().iter().collect::<Vec<_>>(),
+            vec![&Expected::SyncReady]
+        );
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
         assert_eq!(state.unexpected_responses(), 0);
@@ -451,7 +466,9 @@ mod tests {
     #[test]
     fn simple_query_with_several_statements_and_an_error() {
         let mut state = SessionState::new();
-        state.on_client_message(b'Q', b"select 1; select x; select 3\0").unwrap();
+        state
+            .on_client_message(b'Q', b"select 1; select x; select 3\0")
+            .unwrap();
         state.on_server_message(b'T', b"").unwrap();
         state.on_server_message(b'C', b"SELECT 1\0").unwrap();
         state.on_server_message(b'E', b"SERROR\0\0").unwrap();
@@ -464,7 +481,9 @@ mod tests {
     #[test]
     fn portals_survive_inside_a_transaction_and_close_removes_them() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("s", "select 1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("s", "select 1"))
+            .unwrap();
         state.on_client_message(b'S', b"").unwrap();
         state.on_server_message(b'1', b"").unwrap();
         state.on_server_message(b'Z', b"T").unwrap();
@@ -490,7 +509,9 @@ mod tests {
     #[test]
     fn describe_statement_answers_with_parameters_then_row_description() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("s", "select $1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("s", "select $1"))
+            .unwrap();
         state.on_client_message(b'D', &target(b'S', "s")).unwrap();
         state.on_client_message(b'S', b"").unwrap();
         state.on_server_message(b'1', b"").unwrap();
@@ -504,12 +525,16 @@ mod tests {
     #[test]
     fn simple_query_drops_the_unnamed_statement_and_copy_state_is_tracked() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("", "select 1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("", "select 1"))
+            .unwrap();
         state.on_client_message(b'S', b"").unwrap();
         state.on_server_message(b'1', b"").unwrap();
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.statement(b"").is_some());
-        state.on_client_message(b'Q', b"copy t from stdin\0").unwrap();
+        state
+            .on_client_message(b'Q', b"copy t from stdin\0")
+            .unwrap();
         state.on_server_message(b'G', b"").unwrap();
         assert_eq!(state.copy_in_progress(), Some(CopyDirection::In));
         state.on_server_message(b'C', b"COPY 2\0").unwrap();
@@ -521,7 +546,9 @@ mod tests {
     #[test]
     fn deallocate_all_forgets_statements() {
         let mut state = SessionState::new();
-        state.on_client_message(b'P', &parse("s", "select 1")).unwrap();
+        state
+            .on_client_message(b'P', &parse("s", "select 1"))
+            .unwrap();
         state.on_client_message(b'S', b"").unwrap();
         state.on_server_message(b'1', b"").unwrap();
         state.on_server_message(b'Z', b"I").unwrap();

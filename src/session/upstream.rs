@@ -18,9 +18,8 @@ use super::conn::{Conn, Framed, Peer};
 use super::{ProxyContext, SessionError};
 use crate::config::SslMode;
 use crate::wire::messages::{
-    auth, authentication_code, backend_key_data, error_is_fatal,
-    sasl_initial_channel_binding_flag, sasl_mechanisms_without_channel_binding, ErrorReport,
-    Severity,
+    auth, authentication_code, backend_key_data, error_is_fatal, sasl_initial_channel_binding_flag,
+    sasl_mechanisms_without_channel_binding, ErrorReport, Severity,
 };
 use crate::wire::startup::{encode_negotiate_protocol_version, CancelKey, StartupMessage};
 
@@ -47,7 +46,10 @@ pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), Session
     let _ = socket.set_nodelay(true);
     let peer = socket.peer_addr().map_err(|e| unreachable(e.to_string()))?;
     let Some(tls) = ctx.upstream_tls.as_ref() else {
-        return Ok((Framed::new(Conn::Plain(socket), BytesMut::new(), Peer::Upstream), peer));
+        return Ok((
+            Framed::new(Conn::Plain(socket), BytesMut::new(), Peer::Upstream),
+            peer,
+        ));
     };
     socket
         .write_all(&SSL_REQUEST)
@@ -63,7 +65,10 @@ pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), Session
                 .connector
                 .connect(tls.server_name.clone(), socket)
                 .await
-                .map_err(|e| unreachable(format!("TLS handshake failed: {e}")))?;
+                .map_err(|e| SessionError::UpstreamTls {
+                    address: address.clone(),
+                    reason: format!("TLS handshake failed: {e}"),
+                })?;
             let conn = Conn::UpstreamTls(Box::new(stream));
             Ok((Framed::new(conn, BytesMut::new(), Peer::Upstream), peer))
         }
@@ -71,9 +76,10 @@ pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), Session
             Framed::new(Conn::Plain(socket), BytesMut::new(), Peer::Upstream),
             peer,
         )),
-        b'N' => Err(unreachable(
-            "the server does not accept TLS, but upstream.sslmode requires it".into(),
-        )),
+        b'N' => Err(SessionError::UpstreamTls {
+            address: address.clone(),
+            reason: "the server does not accept TLS, but upstream.sslmode requires it".into(),
+        }),
         other => Err(unreachable(format!(
             "unexpected answer {:?} to SSLRequest",
             char::from(other)
