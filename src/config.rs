@@ -15,10 +15,10 @@ use thiserror::Error;
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read config file: {source}")]
+    #[error("{path}: cannot read config file: {error}")]
     Read {
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
@@ -215,9 +215,9 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: shown.clone(),
-            source,
+            error,
         })?;
         let mut config = Config::parse(&text, &shown)?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
@@ -240,7 +240,7 @@ impl Config {
                 path: shown.to_string(),
                 line,
                 column,
-                message: first_line(&error.to_string()),
+                message: parser_message(&error.to_string()),
             }
         })
     }
@@ -310,8 +310,19 @@ impl Config {
     }
 }
 
-fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or(text).trim().to_string()
+/// The parser's message without its own "error: line N column M:" prefix, which the
+/// `FILE:LINE:COL:` prefix already says.
+fn parser_message(text: &str) -> String {
+    let first = text.lines().next().unwrap_or(text).trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.strip_prefix("line ") {
+        Some(rest) if rest.contains(" column ") => rest
+            .split_once(": ")
+            .map(|(_, message)| message)
+            .unwrap_or(first)
+            .to_string(),
+        _ => first.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -346,8 +357,7 @@ mod tests {
         let error = Config::parse("listen: 127.0.0.1:1\nupstrem:\n  host: x\n", "c.yaml")
             .unwrap_err()
             .to_string();
-        assert!(error.starts_with("c.yaml:2:"), "{error}");
-        assert!(error.contains("upstrem"), "{error}");
+        assert!(error.starts_with("c.yaml:2:1: unknown field `upstrem`"), "{error}");
     }
 
     #[test]

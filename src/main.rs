@@ -10,10 +10,11 @@ use tracing::{level_filters::LevelFilter, warn};
 
 use pgveil::config::Config;
 
-/// Transparent PostgreSQL proxy: field-level encryption and role-based masking for
-/// applications that cannot change.
+/// Transparent PostgreSQL proxy. Applications connect to pgveil instead of PostgreSQL;
+/// this build relays every session unchanged (policy enforcement, masking and
+/// encryption are not in it yet).
 #[derive(Parser)]
-#[command(name = "pgveil", version, about, long_about = None)]
+#[command(name = "pgveil", version, long_about = None)]
 struct Cli {
     /// Log level: error, warn, info, debug or trace (or set PGVEIL_LOG).
     #[arg(long, global = true, value_name = "LEVEL")]
@@ -25,13 +26,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy: applications connect to `listen`, pgveil connects to `upstream`.
+    #[command(after_help = "Examples:\n  pgveil run --config /etc/pgveil/pgveil.yaml\n  pgveil run --listen 127.0.0.1:6432 --upstream db.internal:5432\n\nSIGTERM or SIGINT: stop accepting, let open sessions finish for limits.shutdown_grace_seconds, then exit.")]
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Config file (YAML). Defaults to config/pgveil.yaml; without that file, built-in
-    /// defaults apply only when --config is not given and the flags below suffice.
+    /// Config file (YAML) [default: config/pgveil.yaml if it exists, else built-in
+    /// defaults]
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address applications connect to, e.g. 127.0.0.1:6432 (overrides `listen`).

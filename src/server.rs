@@ -20,10 +20,10 @@ use crate::tls::{self, TlsError};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {error}")]
     Listen {
         address: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("tls: {0}")]
     ClientTls(TlsError),
@@ -61,9 +61,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let address = ctx.config.listen;
     let listener = TcpListener::bind(address)
         .await
-        .map_err(|source| ServerError::Listen {
+        .map_err(|error| ServerError::Listen {
             address: address.to_string(),
-            source,
+            error,
         })?;
     let bound = listener.local_addr().unwrap_or(address);
     info!(

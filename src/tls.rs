@@ -31,7 +31,13 @@ pub enum TlsError {
     #[error("{path}: no certificate found")]
     NoCertificate { path: String },
     #[error("TLS configuration rejected: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(error: rustls::Error) -> Self {
+        TlsError::Rustls(error)
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
