@@ -285,6 +285,12 @@ run_one() { # target mode clients
     if [[ -z $tps || -z $lat ]]; then
         printf -- '---- pgbench against %s failed (mode %s, %s clients); output:\n%s\n----\n' \
             "$target" "$mode" "$c" "$out" >&2
+        local pid=""
+        [[ $target == pgveil ]] && pid=$PGVEIL_PID
+        [[ $target == pgbouncer ]] && pid=$PGBOUNCER_PID
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            log "$target (pid $pid) is no longer running"
+        fi
         FAILURES+=("$key")
         TPS[$key]=FAIL
         LAT[$key]=FAIL

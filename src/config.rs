@@ -16,10 +16,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read config file: {error}")]
-    Read {
-        path: String,
-        error: std::io::Error,
-    },
+    Read { path: String, error: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
         path: String,
@@ -357,7 +354,10 @@ mod tests {
         let error = Config::parse("listen: 127.0.0.1:1\nupstrem:\n  host: x\n", "c.yaml")
             .unwrap_err()
             .to_string();
-        assert!(error.starts_with("c.yaml:2:1: unknown field `upstrem`"), "{error}");
+        assert!(
+            error.starts_with("c.yaml:2:1: unknown field `upstrem`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -336,3 +336,45 @@ async fn sessions_still_open_after_the_grace_period_are_closed() {
     );
     assert!(client.query_one("SELECT 1", &[]).await.is_err());
 }
+
+#[tokio::test]
+async fn an_upstream_lost_mid_session_gives_08006() {
+    // SIGKILL of a real backend would make the shared cluster restart every session, so
+    // this fault comes from a peer that logs the client in (trust) like PostgreSQL and
+    // then drops the connection at the first query without a word.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Ok((mut socket, _)) = listener.accept() else {
+            return;
+        };
+        let mut length = [0u8; 4];
+        socket.read_exact(&mut length).unwrap();
+        let mut startup = vec![0u8; i32::from_be_bytes(length) as usize - 4];
+        socket.read_exact(&mut startup).unwrap();
+        let mut hello = frame(b'R', &0i32.to_be_bytes());
+        hello.extend(frame(b'K', &[0, 0, 0, 42, 1, 2, 3, 4]));
+        hello.extend(frame(b'Z', b"I"));
+        socket.write_all(&hello).unwrap();
+        let mut query = [0u8; 5];
+        let _ = socket.read(&mut query);
+        drop(socket);
+    });
+    let proxy = Proxy::start_with(ProxyOptions {
+        upstream_port: Some(port),
+        sslmode: Some("disable".into()),
+        ..ProxyOptions::default()
+    });
+    let client = proxy.connect(SUPERUSER).await;
+    let error = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "08006");
+    // Closed (FIN) or reset (RST, as here when the query was unread): either way the
+    // client learns it was the upstream.
+    let text = format!("{error:?}");
+    assert!(
+        text.contains("pgveil: upstream database closed the connection unexpectedly")
+            || text.contains("pgveil: connection to upstream database lost"),
+        "{text}"
+    );
+}

@@ -155,7 +155,7 @@ impl SessionState {
         }
     }
 
-    fn expect(&mut self, expected: Expected) {
+    fn push_expected(&mut self, expected: Expected) {
         if self.discarding_until_sync {
             if expected == Expected::SyncReady {
                 self.discarding_until_sync = false;
@@ -171,10 +171,10 @@ impl SessionState {
     /// the message is written, so the expectation is queued before any answer arrives.
     pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<(), MalformedMessage> {
         match tag {
-            b'Q' => self.expect(Expected::SimpleQuery),
+            b'Q' => self.push_expected(Expected::SimpleQuery),
             b'P' => {
                 let parse = Parse::decode(body)?;
-                self.expect(Expected::ParseComplete(Arc::new(PreparedStatement {
+                self.push_expected(Expected::ParseComplete(Arc::new(PreparedStatement {
                     name: Bytes::copy_from_slice(parse.statement),
                     query: Bytes::copy_from_slice(parse.query),
                     parameter_types: parse.parameter_types,
@@ -182,7 +182,7 @@ impl SessionState {
             }
             b'B' => {
                 let names = BindNames::decode(body)?;
-                self.expect(Expected::BindComplete {
+                self.push_expected(Expected::BindComplete {
                     portal: Bytes::copy_from_slice(names.portal),
                     statement: Bytes::copy_from_slice(names.statement),
                 });
@@ -190,24 +190,24 @@ impl SessionState {
             b'D' => {
                 let target = TargetName::decode("Describe", body)?;
                 let name = Bytes::copy_from_slice(target.name);
-                self.expect(match target.target {
+                self.push_expected(match target.target {
                     Target::Statement => Expected::StatementDescription { statement: name },
                     Target::Portal => Expected::PortalDescription { portal: name },
                 });
             }
             b'E' => {
                 let portal = Bytes::copy_from_slice(execute_portal(body)?);
-                self.expect(Expected::ExecuteResult { portal });
+                self.push_expected(Expected::ExecuteResult { portal });
             }
             b'C' => {
                 let target = TargetName::decode("Close", body)?;
-                self.expect(Expected::CloseComplete {
+                self.push_expected(Expected::CloseComplete {
                     target: target.target,
                     name: Bytes::copy_from_slice(target.name),
                 });
             }
-            b'S' => self.expect(Expected::SyncReady),
-            b'F' => self.expect(Expected::FunctionCallResult),
+            b'S' => self.push_expected(Expected::SyncReady),
+            b'F' => self.push_expected(Expected::FunctionCallResult),
             b'X' => self.terminated = true,
             _ => {}
         }
