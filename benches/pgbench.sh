@@ -11,6 +11,7 @@
 #   SCALE     pgbench -i scale factor                     (default 10)
 #   CLIENTS   space-separated client counts               (default "1 8")
 #   MODES     space-separated pgbench -M protocol modes   (default "simple prepared")
+#   PGVEIL_WORKERS  pgveil --workers (default: pgveil's own default)
 #
 # What it does, in one go:
 #   * locates the PostgreSQL binaries (pg_config --bindir, else the highest
@@ -260,7 +261,8 @@ PGBOUNCER_VERSION=$("$PGBOUNCER" --version 2>/dev/null | head -n1)
 # ----------------------------------------------------------------- pgveil ---
 log "starting pgveil on 127.0.0.1:$VEIL_PORT"
 (cd "$TMP" && PGVEIL_LOG=${PGVEIL_LOG:-warn} exec "$PGVEIL" run \
-    --listen "127.0.0.1:$VEIL_PORT" --upstream "127.0.0.1:$PG_PORT") >"$TMP/pgveil.log" 2>&1 &
+    --listen "127.0.0.1:$VEIL_PORT" --upstream "127.0.0.1:$PG_PORT" \
+    ${PGVEIL_WORKERS:+--workers "$PGVEIL_WORKERS"}) >"$TMP/pgveil.log" 2>&1 &
 PGVEIL_PID=$!
 wait_ready "$VEIL_PORT" "$PGVEIL_PID" pgveil "$TMP/pgveil.log"
 
@@ -324,7 +326,7 @@ fmt() { # number -> fixed decimals, FAIL stays
     echo "- machine: $(nproc) CPUs ($(uname -srm))"
     echo "- PostgreSQL: $PG_VERSION ($PG_BIN)"
     echo "- PgBouncer: $PGBOUNCER_VERSION (pool_mode = session)"
-    echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown)"
+    echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown) (workers: ${PGVEIL_WORKERS:-default, one per core})"
     echo "- scale $SCALE, ${DURATION}s per run, -j = min(clients, 2), fsync=off, TCP on 127.0.0.1"
     echo
     echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil/direct | pgveil/pgbouncer |"

@@ -168,6 +168,9 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// Threads that run sessions: 0 = one per CPU core; 1 = a single event loop.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -182,8 +185,13 @@ impl Default for Config {
             admin: None,
             audit: None,
             limits: Limits::default(),
+            workers: default_workers(),
         }
     }
+}
+
+fn default_workers() -> usize {
+    0
 }
 
 fn default_listen() -> SocketAddr {
@@ -347,6 +355,9 @@ mod tests {
         assert_eq!(config.upstream.sslmode, SslMode::VerifyFull);
         assert_eq!(config.limits.max_connections, 5);
         assert!(config.tls.is_some());
+        assert_eq!(config.workers, 0);
+        let single = Config::parse("workers: 1\n", "c.yaml").unwrap();
+        assert_eq!(single.workers, 1);
     }
 
     #[test]

@@ -367,9 +367,7 @@ fn flush_close_function_call_and_unknown_messages_are_forwarded() {
     );
 }
 
-#[tokio::test]
-async fn sessions_are_independent_under_concurrency() {
-    let proxy = Proxy::start();
+async fn many_concurrent_sessions(proxy: &Proxy) {
     let tasks = (0..16).map(|n| {
         let port = proxy.port;
         tokio::spawn(async move {
@@ -387,4 +385,18 @@ async fn sessions_are_independent_under_concurrency() {
     for task in futures_util::future::join_all(tasks).await {
         task.unwrap();
     }
+}
+
+#[tokio::test]
+async fn sessions_are_independent_under_concurrency() {
+    many_concurrent_sessions(&Proxy::start()).await;
+}
+
+#[tokio::test]
+async fn a_single_event_loop_serves_concurrent_sessions() {
+    let proxy = Proxy::start_with(support::ProxyOptions {
+        extra_yaml: "workers: 1\n".into(),
+        ..support::ProxyOptions::default()
+    });
+    many_concurrent_sessions(&proxy).await;
 }

@@ -178,3 +178,72 @@ impl Framed {
         self.write_all(&frame).await
     }
 }
+
+/// The reading half of a [`Conn`]. Plain TCP splits without a lock; TLS needs
+/// `tokio::io::split`, since reads and writes share one TLS state.
+pub enum ConnReader {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Shared(tokio::io::ReadHalf<Conn>),
+}
+
+/// The writing half of a [`Conn`].
+pub enum ConnWriter {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Shared(tokio::io::WriteHalf<Conn>),
+}
+
+impl Conn {
+    /// Splits the connection so both directions can be pumped at once.
+    pub fn split(self) -> (ConnReader, ConnWriter) {
+        match self {
+            Conn::Plain(stream) => {
+                let (reader, writer) = stream.into_split();
+                (ConnReader::Tcp(reader), ConnWriter::Tcp(writer))
+            }
+            other => {
+                let (reader, writer) = tokio::io::split(other);
+                (ConnReader::Shared(reader), ConnWriter::Shared(writer))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ConnReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnReader::Tcp(half) => Pin::new(half).poll_read(cx, buf),
+            ConnReader::Shared(half) => Pin::new(half).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConnWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(half) => Pin::new(half).poll_write(cx, buf),
+            ConnWriter::Shared(half) => Pin::new(half).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(half) => Pin::new(half).poll_flush(cx),
+            ConnWriter::Shared(half) => Pin::new(half).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(half) => Pin::new(half).poll_shutdown(cx),
+            ConnWriter::Shared(half) => Pin::new(half).poll_shutdown(cx),
+        }
+    }
+}

@@ -288,8 +288,8 @@ async fn authenticate(
 /// can still be told.
 async fn relay(client: Framed, upstream: Framed) -> Option<SessionError> {
     let state = Mutex::new(SessionState::new());
-    let (mut client_read, mut client_write) = tokio::io::split(client.conn);
-    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream.conn);
+    let (mut client_read, mut client_write) = client.conn.split();
+    let (mut upstream_read, mut upstream_write) = upstream.conn.split();
     let mut to_server = Pump::new(Direction::ClientToServer, client.buf);
     let mut to_client = Pump::new(Direction::ServerToClient, upstream.buf);
 
