@@ -400,3 +400,30 @@ async fn a_single_event_loop_serves_concurrent_sessions() {
     });
     many_concurrent_sessions(&proxy).await;
 }
+
+#[tokio::test]
+async fn every_startup_parameter_reaches_the_server() {
+    let proxy = Proxy::start();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(proxy.port)
+        .user(SUPERUSER)
+        .dbname("template1")
+        .application_name("startup-params")
+        .options("-c statement_timeout=4321 -c search_path=pg_catalog");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT current_database()::text, current_setting('application_name'), \
+             current_setting('statement_timeout'), current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "template1");
+    assert_eq!(row.get::<_, &str>(1), "startup-params");
+    assert_eq!(row.get::<_, &str>(2), "4321ms");
+    assert_eq!(row.get::<_, &str>(3), "pg_catalog");
+}
