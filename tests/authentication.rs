@@ -151,38 +151,34 @@ fn scram_plus_is_never_offered_across_two_tls_sessions() {
     );
 }
 
-#[tokio::test]
-async fn upstream_tls_follows_sslmode() {
-    // verify-full against the harness CA: the upstream connection is encrypted.
-    let proxy = Proxy::start_with(ProxyOptions {
-        sslmode: Some(format!("verify-full\n  ca: {}", cluster().ca.display())),
-        ..ProxyOptions::default()
-    });
-    let client = proxy.connect(SUPERUSER).await;
-    let ssl: bool = client
+/// Whether the server sees the proxy's upstream connection as TLS.
+async fn upstream_uses_tls(proxy: &Proxy) -> bool {
+    proxy
+        .connect(SUPERUSER)
+        .await
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
         )
         .await
         .unwrap()
-        .get(0);
-    assert!(ssl, "verify-full must encrypt the upstream connection");
+        .get(0)
+}
+
+#[tokio::test]
+async fn upstream_tls_follows_sslmode() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        sslmode: Some("verify-full".into()),
+        upstream_ca: Some(cluster().ca.clone()),
+        ..ProxyOptions::default()
+    });
+    assert!(upstream_uses_tls(&proxy).await, "verify-full must encrypt");
 
     let proxy = Proxy::start_with(ProxyOptions {
         sslmode: Some("disable".into()),
         ..ProxyOptions::default()
     });
-    let client = proxy.connect(SUPERUSER).await;
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!ssl, "sslmode disable must not use TLS");
+    assert!(!upstream_uses_tls(&proxy).await, "disable must not use TLS");
 
     // verify-full with a CA that did not sign the server certificate is refused.
     let other_ca = proxy.dir.join("other-ca.pem");
@@ -207,7 +203,8 @@ async fn upstream_tls_follows_sslmode() {
         .unwrap();
     assert!(status.status.success());
     let proxy = Proxy::start_with(ProxyOptions {
-        sslmode: Some(format!("verify-full\n  ca: {}", other_ca.display())),
+        sslmode: Some("verify-full".into()),
+        upstream_ca: Some(other_ca),
         ..ProxyOptions::default()
     });
     let error = proxy

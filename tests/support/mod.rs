@@ -337,6 +337,8 @@ pub struct ProxyOptions {
     pub sslmode: Option<String>,
     /// Upstream port instead of the cluster's.
     pub upstream_port: Option<u16>,
+    /// `upstream.ca` (for `verify-full`).
+    pub upstream_ca: Option<PathBuf>,
     /// Serve TLS to clients with the harness certificate.
     pub tls: bool,
 }
@@ -357,6 +359,9 @@ impl Proxy {
             options.upstream_port.unwrap_or(cluster.port),
             options.sslmode.as_deref().unwrap_or("prefer"),
         );
+        if let Some(ca) = &options.upstream_ca {
+            config.push_str(&format!("  ca: {}\n", ca.display()));
+        }
         if options.tls {
             config.push_str(&format!(
                 "tls:\n  cert: {}\n  key: {}\n",
