@@ -55,8 +55,40 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
     Ok(ProxyContext::new(config, client_tls, upstream_tls))
 }
 
+/// Raises the soft open-file limit to the hard limit: each session holds two
+/// descriptors (client and upstream), and connections still starting hold one more.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = (3 * max_connections + 64) as libc::rlim_t;
+    if limit.rlim_cur < needed {
+        warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "the open-file limit is below what limits.max_connections needs; raise it (ulimit -n) or lower max_connections"
+        );
+    }
+}
+
 /// Runs the proxy until a shutdown signal and the end of the grace period.
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    raise_open_file_limit(config.limits.max_connections);
     let ctx = Arc::new(build_context(config)?);
     let address = ctx.config.listen;
     let listener = TcpListener::bind(address)
@@ -108,6 +140,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }
         _ = signals.next() => warn!("second signal; closing the remaining sessions now"),
     }
+    // Sessions tell their clients (57P01) and close; whatever still hangs is cut.
+    ctx.close_sessions();
+    let said_goodbye = async { while sessions.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), said_goodbye).await;
     sessions.shutdown().await;
     info!("pgveil stopped");
     Ok(())

@@ -94,6 +94,8 @@ async fn malformed_frames_after_login_end_the_session_with_an_error() {
         (&b"Q\0\0\0\x02"[..], "below 4"),
         (&b"Q\x7f\xff\xff\xff"[..], "over the 1 GiB limit"),
         (&b"P\0\0\0\x08ab"[..], "malformed Parse message"),
+        // PostgreSQL's own limit for messages that carry no data.
+        (&b"S\0\0\x4e\x24"[..], "over its limit of 10000"),
     ] {
         let mut raw = RawClient::login(proxy.port, SUPERUSER, "malformed");
         let mut bytes = bad.to_vec();
@@ -316,25 +318,35 @@ async fn sigterm_stops_accepting_and_lets_open_sessions_finish() {
     assert!(status.success(), "{status}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_still_open_after_the_grace_period_are_closed() {
+#[test]
+fn sessions_still_open_after_the_grace_period_are_told_and_closed() {
     let mut proxy = Proxy::start_with(ProxyOptions {
         extra_yaml: "limits:\n  shutdown_grace_seconds: 1\n".into(),
         ..ProxyOptions::default()
     });
-    let client = proxy.connect(SUPERUSER).await;
+    let mut idle = RawClient::login(proxy.port, SUPERUSER, "idle-at-shutdown");
     let started = Instant::now();
     proxy.signal(libc::SIGINT);
-    let status = proxy
-        .wait_exit(Duration::from_secs(10))
-        .expect("exits after the grace period");
-    assert!(status.success(), "{status}");
+    let messages = idle.read_to_end();
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );
-    assert!(client.query_one("SELECT 1", &[]).await.is_err());
+    let goodbye = messages.last().expect("a goodbye message");
+    assert_eq!(
+        goodbye.field(b'C').as_deref(),
+        Some("57P01"),
+        "{messages:?}"
+    );
+    assert!(goodbye
+        .field(b'M')
+        .unwrap_or_default()
+        .contains("proxy is shutting down"));
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the grace period");
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test]
@@ -377,4 +389,151 @@ async fn an_upstream_lost_mid_session_gives_08006() {
             || text.contains("pgveil: connection to upstream database lost"),
         "{text}"
     );
+}
+
+fn copy_in(raw: &mut RawClient, table: &str) {
+    cluster().psql_ok(
+        SUPERUSER,
+        &format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v text)"),
+    );
+    raw.send(&frame(
+        b'Q',
+        format!("COPY {table} FROM STDIN\0").as_bytes(),
+    ));
+    let messages = raw.read_until(b'G');
+    assert_eq!(tags(&messages), "G");
+}
+
+fn resident_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn syncs_during_copy_in_cost_no_memory_and_keep_the_session_in_step() {
+    let proxy = Proxy::start();
+    let mut raw = RawClient::login(proxy.port, SUPERUSER, "sync-flood");
+    copy_in(&mut raw, "sync_flood");
+    let before = resident_kib(proxy.pid());
+    // 4 million Syncs (20 MB): the server ignores them during COPY IN, so must pgveil.
+    let syncs = frame(b'S', b"").repeat(100_000);
+    for _ in 0..40 {
+        raw.send(&syncs);
+    }
+    raw.send(&frame(b'd', b"row\n"));
+    raw.send(&frame(b'c', b""));
+    let messages = raw.read_until(b'Z');
+    assert_eq!(tags(&messages), "CZ");
+    let grown = resident_kib(proxy.pid()).saturating_sub(before);
+    assert!(grown < 32 * 1024, "pgveil grew by {grown} KiB");
+    // Still in step: the next query gets exactly its own answer.
+    raw.send(&frame(b'Q', b"SELECT count(*) FROM sync_flood\0"));
+    let messages = raw.read_until(b'Z');
+    assert_eq!(tags(&messages), "TDCZ");
+    assert_eq!(messages[1].body, b"\0\x01\0\0\0\x011");
+}
+
+#[test]
+fn a_query_sent_during_copy_in_ends_the_session() {
+    let proxy = Proxy::start();
+    let mut raw = RawClient::login(proxy.port, SUPERUSER, "query-in-copy");
+    copy_in(&mut raw, "query_in_copy");
+    raw.send(&frame(b'Q', b"SELECT 1\0"));
+    let messages = raw.read_to_end();
+    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
+    assert_eq!(error.field(b'C').as_deref(), Some("08P01"));
+    assert!(error
+        .field(b'M')
+        .unwrap_or_default()
+        .contains("sent during COPY FROM STDIN"));
+}
+
+#[test]
+fn a_huge_password_message_is_refused_before_it_is_buffered() {
+    let proxy = Proxy::start();
+    let mut raw = RawClient::open(proxy.port);
+    raw.send(&startup_packet(&[
+        ("user", support::MD5_USER),
+        ("database", "postgres"),
+    ]));
+    let request = raw.read_message().expect("authentication request");
+    assert_eq!(request.tag, b'R');
+    // Claims 1 GiB; pgveil must refuse on the header, not wait for the bytes.
+    raw.send(b"p\x40\0\0\0");
+    let messages = raw.read_to_end();
+    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
+    assert_eq!(error.field(b'C').as_deref(), Some("08P01"));
+    assert!(error
+        .field(b'M')
+        .unwrap_or_default()
+        .contains("over its limit of 65536"));
+}
+
+#[test]
+fn one_deadline_covers_negotiation_and_authentication() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_yaml: "limits:\n  startup_timeout_seconds: 2\n".into(),
+        ..ProxyOptions::default()
+    });
+    let mut raw = RawClient::open(proxy.port);
+    std::thread::sleep(Duration::from_millis(1300));
+    raw.send(&startup_packet(&[
+        ("user", support::MD5_USER),
+        ("database", "postgres"),
+    ]));
+    let request = raw.read_message().expect("authentication request");
+    assert_eq!(request.tag, b'R');
+    std::thread::sleep(Duration::from_millis(1300));
+    // Each phase took less than the limit, both together more.
+    raw.send(&frame(b'p', b"md5whatever\0"));
+    let messages = raw.read_to_end();
+    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
+    assert!(
+        error
+            .field(b'M')
+            .unwrap_or_default()
+            .contains("did not complete within 2 s"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn connections_that_never_start_are_bounded_too() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_yaml: "limits:\n  max_connections: 2\n".into(),
+        ..ProxyOptions::default()
+    });
+    let idle: Vec<RawClient> = (0..2).map(|_| RawClient::open(proxy.port)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = RawClient::open(proxy.port);
+    assert!(
+        third.closed_within(Duration::from_secs(5)),
+        "must be closed at once"
+    );
+    drop(idle);
+    let ok = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut client = RawClient::open(proxy.port);
+        client.send(&startup_packet(&[
+            ("user", SUPERUSER),
+            ("database", "postgres"),
+        ]));
+        client.read_message().is_some_and(|m| m.tag == b'R')
+    });
+    assert!(ok, "slots come back when idle connections close");
+}
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answers() {
+    let proxy = Proxy::start();
+    let mut raw = RawClient::login(proxy.port, SUPERUSER, "half-close");
+    raw.send(&frame(b'Q', b"SELECT 42\0"));
+    raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let messages = raw.read_to_end();
+    assert_eq!(tags(&messages), "TDCZ");
+    assert_eq!(messages[1].body, b"\0\x01\0\0\0\x0242");
 }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SessionError;
-use crate::wire::frame::try_split_frame;
+use crate::wire::frame::{try_split_frame, FrameHeader};
 use crate::wire::startup::{try_split_startup, StartupPacket};
 
 /// A client or upstream connection, encrypted or not.
@@ -27,7 +27,7 @@ pub enum Conn {
 
 impl Conn {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Conn::Plain(_))
+        matches!(self, Conn::ClientTls(_) | Conn::UpstreamTls(_))
     }
 }
 
@@ -138,13 +138,31 @@ impl Framed {
         }
     }
 
-    /// The next whole message; `None` when the peer closed at a message boundary.
-    pub async fn read_message(&mut self) -> Result<Option<(u8, Bytes)>, SessionError> {
+    fn protocol_error(&self, message: String) -> SessionError {
+        match self.peer {
+            Peer::Client => SessionError::ClientProtocol(message),
+            Peer::Upstream => SessionError::UpstreamProtocol(message),
+        }
+    }
+
+    /// The next whole message, at most `limit` bytes long (checked on the header,
+    /// before anything is buffered); `None` when the peer closed at a message boundary.
+    pub async fn read_message(
+        &mut self,
+        limit: usize,
+    ) -> Result<Option<(u8, Bytes)>, SessionError> {
         loop {
-            let split = try_split_frame(&self.buf).map_err(|error| match self.peer {
-                Peer::Client => SessionError::ClientProtocol(error.to_string()),
-                Peer::Upstream => SessionError::UpstreamProtocol(error.to_string()),
-            })?;
+            let header = FrameHeader::parse(&self.buf)
+                .and_then(|header| match header {
+                    Some(header) => header.check_limit(limit).map(|()| Some(header)),
+                    None => Ok(None),
+                })
+                .map_err(|error| self.protocol_error(error.to_string()))?;
+            let split = match header {
+                Some(_) => try_split_frame(&self.buf)
+                    .map_err(|error| self.protocol_error(error.to_string()))?,
+                None => None,
+            };
             if let Some((frame, used)) = split {
                 let tag = frame.tag;
                 let mut whole = self.buf.split_to(used);
@@ -155,11 +173,7 @@ impl Framed {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                let message = "connection closed inside a message".to_string();
-                return Err(match self.peer {
-                    Peer::Client => SessionError::ClientProtocol(message),
-                    Peer::Upstream => SessionError::UpstreamProtocol(message),
-                });
+                return Err(self.protocol_error("connection closed inside a message".into()));
             }
         }
     }

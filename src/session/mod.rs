@@ -23,7 +23,8 @@ use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::sync::watch;
+use tokio::time::{timeout, timeout_at};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
@@ -34,7 +35,7 @@ use cancel::CancelRegistry;
 use conn::Framed;
 use negotiate::{negotiate, Opening};
 use pump::{Direction, Pump, PumpEnd, PumpError};
-use state::SessionState;
+use state::{SessionState, StateError};
 use upstream::AuthOutcome;
 
 /// Why a session ended abnormally.
@@ -60,6 +61,10 @@ pub enum SessionError {
     UpstreamProtocol(String),
     #[error("{}", .0.message)]
     Refused(ErrorReport),
+    #[error("lost track of the protocol state: {0}")]
+    Desync(String),
+    #[error("the proxy is shutting down")]
+    ProxyShuttingDown,
     #[error("startup did not complete within {0:?}")]
     StartupTimeout(Duration),
 }
@@ -101,19 +106,22 @@ impl SessionError {
                 format!("pgveil: upstream database sent an invalid message: {message}"),
             )),
             SessionError::Refused(report) => Some(report.clone()),
+            SessionError::ProxyShuttingDown => Some(
+                fatal("57P01", "pgveil: terminating connection because the proxy is shutting down".into())
+                    .with_hint("reconnect when pgveil is back"),
+            ),
+            SessionError::Desync(problem) => Some(
+                fatal(
+                    "08P01",
+                    format!("pgveil: lost track of the protocol state ({problem}); closing the session"),
+                )
+                .with_hint("this is a pgveil bug or an unusual client; please report it with the client's name"),
+            ),
             SessionError::StartupTimeout(limit) => Some(fatal(
                 "08P01",
                 format!("pgveil: startup and authentication did not complete within {} s", limit.as_secs()),
             )),
         }
-    }
-}
-
-impl SessionError {
-    fn report_or_default(&self) -> ErrorReport {
-        self.report().unwrap_or_else(|| {
-            ErrorReport::new(Severity::Fatal, "08006", format!("pgveil: {self}"))
-        })
     }
 }
 
@@ -130,6 +138,10 @@ pub struct ProxyContext {
     pub upstream_tls: Option<UpstreamTls>,
     pub cancels: CancelRegistry,
     sessions: AtomicUsize,
+    /// Connections accepted and still negotiating (not yet sessions).
+    opening: AtomicUsize,
+    /// Set when the shutdown grace period is over: sessions say goodbye and close.
+    closing: watch::Sender<bool>,
 }
 
 impl ProxyContext {
@@ -144,7 +156,14 @@ impl ProxyContext {
             upstream_tls,
             cancels: CancelRegistry::default(),
             sessions: AtomicUsize::new(0),
+            opening: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// Tells every open session to end now (FATAL 57P01 to its client).
+    pub fn close_sessions(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Client sessions currently open.
@@ -153,16 +172,28 @@ impl ProxyContext {
     }
 
     fn try_admit(&self) -> Option<Admission<'_>> {
-        let before = self.sessions.fetch_add(1, Ordering::AcqRel);
-        if before >= self.config.limits.max_connections {
-            self.sessions.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Admission(&self.sessions))
+        Admission::take(&self.sessions, self.config.limits.max_connections)
+    }
+
+    /// A slot for a connection that has not finished its startup; as many may be
+    /// starting as may be open.
+    fn try_open(&self) -> Option<Admission<'_>> {
+        Admission::take(&self.opening, self.config.limits.max_connections)
     }
 }
 
-/// A counted session slot, released on drop.
+impl<'a> Admission<'a> {
+    fn take(counter: &'a AtomicUsize, limit: usize) -> Option<Self> {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        if before >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admission(counter))
+    }
+}
+
+/// A counted slot, released on drop.
 struct Admission<'a>(&'a AtomicUsize);
 
 impl Drop for Admission<'_> {
@@ -171,16 +202,37 @@ impl Drop for Admission<'_> {
     }
 }
 
+/// TCP keepalive: a peer that vanishes without a FIN (network partition, powered-off
+/// host) is noticed within about two minutes instead of holding its slot forever.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 6;
+
+/// No Nagle delay (the protocol is request/response) and keepalive probes.
+pub(crate) fn tune_socket(socket: &TcpStream) {
+    let _ = socket.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(error) = socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive) {
+        debug!(%error, "cannot enable TCP keepalive");
+    }
+}
+
 /// Serves one accepted client connection to the end.
 pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
-    let _ = socket.set_nodelay(true);
+    // Connections still negotiating hold a file descriptor too: bound them like sessions.
+    let Some(starting) = ctx.try_open() else {
+        warn!(%peer, "too many connections still starting up; closing this one");
+        return;
+    };
+    tune_socket(&socket);
     let startup_limit = ctx.config.limits.startup_timeout();
+    // One deadline for TLS, startup and authentication together.
+    let deadline = tokio::time::Instant::now() + startup_limit;
     let mut client = negotiate::accept(socket);
-    let opening = match timeout(
-        startup_limit,
-        negotiate(&mut client, ctx.client_tls.as_ref()),
-    )
-    .await
+    let opening = match timeout_at(deadline, negotiate(&mut client, ctx.client_tls.as_ref())).await
     {
         Ok(Ok(Some(opening))) => opening,
         Ok(Ok(None)) => return,
@@ -193,14 +245,13 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
         }
         Err(_) => {
             info!(%peer, "client sent no startup packet in time");
-            let _ = send_report(
-                &mut client.conn,
-                &SessionError::StartupTimeout(startup_limit).report_or_default(),
-            )
-            .await;
+            if let Some(report) = SessionError::StartupTimeout(startup_limit).report() {
+                let _ = send_report(&mut client.conn, &report).await;
+            }
             return;
         }
     };
+    drop(starting);
     match opening {
         Opening::Cancel(key) => cancel::forward(&ctx.cancels, key).await,
         Opening::Session(startup) => {
@@ -224,7 +275,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 .unwrap_or_default();
             debug!(%peer, %user, "session starting");
             let (upstream, upstream_address, cancel_key) =
-                match authenticate(&mut client, &startup, &ctx, startup_limit).await {
+                match authenticate(&mut client, &startup, &ctx, deadline, startup_limit).await {
                     Ok(Some(ready)) => ready,
                     Ok(None) => return,
                     Err(error) => {
@@ -236,7 +287,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     }
                 };
             let _registration = cancel_key.map(|key| ctx.cancels.register(key, upstream_address));
-            match relay(client, upstream).await {
+            match relay(client, upstream, ctx.closing.subscribe()).await {
                 None => debug!(%peer, %user, "session ended"),
                 Some(error) => info!(%peer, %user, %error, "session ended with an error"),
             }
@@ -269,6 +320,7 @@ async fn authenticate(
     client: &mut Framed,
     startup: &crate::wire::startup::StartupMessage,
     ctx: &ProxyContext,
+    deadline: tokio::time::Instant,
     startup_limit: Duration,
 ) -> Result<Option<(Framed, SocketAddr, Option<CancelKey>)>, SessionError> {
     let exchange = async {
@@ -279,14 +331,18 @@ async fn authenticate(
             AuthOutcome::Ended => None,
         })
     };
-    timeout(startup_limit, exchange)
+    timeout_at(deadline, exchange)
         .await
         .map_err(|_| SessionError::StartupTimeout(startup_limit))?
 }
 
 /// Runs both pumps until one side ends, then says what happened to the client when it
 /// can still be told.
-async fn relay(client: Framed, upstream: Framed) -> Option<SessionError> {
+async fn relay(
+    client: Framed,
+    upstream: Framed,
+    mut closing: watch::Receiver<bool>,
+) -> Option<SessionError> {
     let state = Mutex::new(SessionState::new());
     let (mut client_read, mut client_write) = client.conn.split();
     let (mut upstream_read, mut upstream_write) = upstream.conn.split();
@@ -296,26 +352,44 @@ async fn relay(client: Framed, upstream: Framed) -> Option<SessionError> {
     enum Ended {
         Client(Result<PumpEnd, PumpError>),
         Upstream(Result<PumpEnd, PumpError>),
+        ProxyClosing,
     }
     let ended = tokio::select! {
         end = to_server.run(&mut client_read, &mut upstream_write, &state) => Ended::Client(end),
         end = to_client.run(&mut upstream_read, &mut client_write, &state) => Ended::Upstream(end),
+        _ = closing.wait_for(|closing| *closing) => Ended::ProxyClosing,
     };
     let error = match ended {
         Ended::Client(Ok(PumpEnd::Terminated)) => {
             let _ = upstream_write.shutdown().await;
             None
         }
-        // The client left; dropping the upstream connection frees its backend.
-        Ended::Client(Ok(PumpEnd::Eof)) | Ended::Client(Err(PumpError::Read(_))) => None,
+        Ended::Client(Ok(PumpEnd::Eof)) => {
+            // The client closed its sending side. Like PostgreSQL, still deliver the
+            // answers to what it sent: close upstream's sending side too and forward
+            // until the server is done.
+            let _ = upstream_write.shutdown().await;
+            match to_client
+                .run(&mut upstream_read, &mut client_write, &state)
+                .await
+            {
+                Ok(_) | Err(PumpError::Write(_)) => None,
+                Err(error) => Some(upstream_failure(error)),
+            }
+        }
+        // The client is gone; dropping the upstream connection frees its backend.
+        Ended::Client(Err(PumpError::Read(_))) => None,
         Ended::Client(Err(PumpError::Write(error))) => Some(SessionError::UpstreamIo(error)),
         Ended::Client(Err(error)) => Some(SessionError::ClientProtocol(error.to_string())),
         Ended::Upstream(Ok(_)) => {
             (!to_client.last_was_fatal_error()).then_some(SessionError::UpstreamClosed)
         }
         Ended::Upstream(Err(PumpError::Write(_))) => None,
-        Ended::Upstream(Err(PumpError::Read(error))) => Some(SessionError::UpstreamIo(error)),
-        Ended::Upstream(Err(error)) => Some(SessionError::UpstreamProtocol(error.to_string())),
+        Ended::Upstream(Err(error)) => Some(upstream_failure(error)),
+        Ended::ProxyClosing => {
+            let _ = upstream_write.write_all(TERMINATE).await;
+            Some(SessionError::ProxyShuttingDown)
+        }
     };
     if let Some(report) = error.as_ref().and_then(SessionError::report) {
         // Only between messages: a report inside a half-sent row would garble both.
@@ -325,4 +399,15 @@ async fn relay(client: Framed, upstream: Framed) -> Option<SessionError> {
     }
     let _ = timeout(Duration::from_secs(1), client_write.shutdown()).await;
     error
+}
+
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
+
+/// What a failure of the server→client direction means for the client.
+fn upstream_failure(error: PumpError) -> SessionError {
+    match error {
+        PumpError::State(StateError::Desync { .. }) => SessionError::Desync(error.to_string()),
+        PumpError::Read(error) | PumpError::Write(error) => SessionError::UpstreamIo(error),
+        other => SessionError::UpstreamProtocol(other.to_string()),
+    }
 }

@@ -14,12 +14,19 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::state::{Disposition, SessionState};
-use crate::wire::frame::{FrameError, FrameHeader, HEADER_LEN};
-use crate::wire::messages::{error_is_fatal, MalformedMessage};
+use super::state::{Disposition, SessionState, StateError};
+use crate::wire::frame::{max_frontend_message_length, FrameError, FrameHeader, HEADER_LEN};
+use crate::wire::messages::error_is_fatal;
 
 /// Initial read buffer per direction; it grows only to hold one inspected message.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// The buffer grows by at most this much ahead of the bytes that actually arrived, so
+/// a header that merely claims a huge length reserves nothing.
+const MAX_RESERVE_STEP: usize = 1 << 20;
+
+/// An empty buffer larger than this is given back after a large message.
+const SHRINK_ABOVE: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -45,7 +52,7 @@ pub enum PumpError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error(transparent)]
-    Malformed(#[from] MalformedMessage),
+    State(#[from] StateError),
     #[error("connection closed in the middle of a message")]
     Truncated,
 }
@@ -111,6 +118,9 @@ impl Pump {
                     .map_err(PumpError::Write)?;
                 self.writing = false;
                 self.buf.advance(scanned.forward);
+                if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                    self.buf = BytesMut::with_capacity(READ_CHUNK);
+                }
             }
             if let Some(error) = scanned.error {
                 return Err(error);
@@ -120,7 +130,7 @@ impl Pump {
                 return Ok(PumpEnd::Terminated);
             }
             if scanned.need > 0 {
-                self.buf.reserve(scanned.need);
+                self.buf.reserve(scanned.need.min(MAX_RESERVE_STEP));
             } else if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
@@ -172,6 +182,9 @@ impl Pump {
             let Some(header) = FrameHeader::parse(&self.buf[*pos..])? else {
                 return Ok(Scanned::forward(*pos));
             };
+            if self.direction == Direction::ClientToServer {
+                header.check_limit(max_frontend_message_length(header.tag))?;
+            }
             let disposition = match self.direction {
                 Direction::ClientToServer => state.client_disposition(header.tag),
                 Direction::ServerToClient => state.server_disposition(header.tag),

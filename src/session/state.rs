@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tracing::debug;
+use thiserror::Error;
 
 use crate::wire::messages::{
     command_tag, execute_portal, BindNames, MalformedMessage, Parse, Target, TargetName,
@@ -59,16 +59,9 @@ pub enum Expected {
     SimpleQuery,
     /// FunctionCall → FunctionCallResponse, then ReadyForQuery.
     FunctionCallResult,
-}
-
-impl Expected {
-    /// Whether this request ends with ReadyForQuery (errors do not discard it).
-    fn ends_with_ready(&self) -> bool {
-        matches!(
-            self,
-            Expected::SyncReady | Expected::SimpleQuery | Expected::FunctionCallResult
-        )
-    }
+    /// Not a response: the client sent CopyDone or CopyFail here, before the server
+    /// announced the COPY. Dropped when it reaches the front of the queue.
+    CopyInEnded,
 }
 
 /// Direction of a COPY in progress.
@@ -88,6 +81,21 @@ pub enum Disposition {
     Stream,
 }
 
+/// A message stream pgveil cannot account for.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error(transparent)]
+    Malformed(#[from] MalformedMessage),
+    /// The client broke the protocol in a way the server would silently absorb,
+    /// which would leave pgveil's view and the server's apart.
+    #[error("{0}")]
+    ClientViolation(String),
+    /// A response matches no request pgveil saw. Everything later stages decide rests
+    /// on this bookkeeping, so the session cannot go on.
+    #[error("response {response:?} matches no pending request (expected {expected})")]
+    Desync { response: char, expected: String },
+}
+
 /// Everything pgveil knows about one client session's protocol state.
 #[derive(Debug, Default)]
 pub struct SessionState {
@@ -99,9 +107,9 @@ pub struct SessionState {
     discarding_until_sync: bool,
     transaction: TransactionStatus,
     copy: Option<CopyDirection>,
-    terminated: bool,
-    /// Responses that matched no expectation (counted, never fatal).
-    unexpected_responses: u64,
+    /// The server is in COPY FROM STDIN and the client has not ended it yet. Meanwhile
+    /// the server ignores Sync and Flush and takes anything but copy data as an error.
+    copy_in_open: bool,
 }
 
 impl SessionState {
@@ -129,18 +137,13 @@ impl SessionState {
         self.copy
     }
 
-    pub fn terminated(&self) -> bool {
-        self.terminated
-    }
-
-    pub fn unexpected_responses(&self) -> u64 {
-        self.unexpected_responses
-    }
-
-    /// Which client message types must be seen whole.
+    /// Which client message types must be seen whole. CopyData streams; CopyDone and
+    /// CopyFail are tiny and mark where a COPY ends.
     pub fn client_disposition(&self, tag: u8) -> Disposition {
         match tag {
-            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'F' | b'X' => Disposition::Inspect,
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'F' | b'X' | b'c' | b'f' => {
+                Disposition::Inspect
+            }
             _ => Disposition::Stream,
         }
     }
@@ -150,7 +153,7 @@ impl SessionState {
     pub fn server_disposition(&self, tag: u8) -> Disposition {
         match tag {
             b'Z' | b'1' | b'2' | b'3' | b'C' | b'E' | b'n' | b's' | b'I' | b'G' | b'H' | b'W'
-            | b'T' => Disposition::Inspect,
+            | b'T' | b't' => Disposition::Inspect,
             _ => Disposition::Stream,
         }
     }
@@ -169,7 +172,21 @@ impl SessionState {
 
     /// Records a message the client is about to send upstream. Must be called before
     /// the message is written, so the expectation is queued before any answer arrives.
-    pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<(), MalformedMessage> {
+    pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<(), StateError> {
+        if self.copy_in_open {
+            return match tag {
+                // Sync and Flush are ignored by the server during COPY IN.
+                b'd' | b'S' | b'H' | b'X' => Ok(()),
+                b'c' | b'f' => {
+                    self.copy_in_open = false;
+                    Ok(())
+                }
+                other => Err(StateError::ClientViolation(format!(
+                    "message type {:?} sent during COPY FROM STDIN",
+                    char::from(other)
+                ))),
+            };
+        }
         match tag {
             b'Q' => self.push_expected(Expected::SimpleQuery),
             b'P' => {
@@ -208,40 +225,56 @@ impl SessionState {
             }
             b'S' => self.push_expected(Expected::SyncReady),
             b'F' => self.push_expected(Expected::FunctionCallResult),
-            b'X' => self.terminated = true,
+            // Sent before the server announced the COPY (or after it failed): remember
+            // where the copy data ends, so Syncs before it can be told from those after.
+            b'c' | b'f' => self.push_expected(Expected::CopyInEnded),
             _ => {}
         }
         Ok(())
     }
 
-    fn pop_expected(
-        &mut self,
-        what: &'static str,
-        matches: impl Fn(&Expected) -> bool,
-    ) -> Option<Expected> {
-        if self.pending.front().is_some_and(&matches) {
-            return self.pending.pop_front();
+    /// The front of the queue, without markers that no response answers.
+    fn front(&mut self) -> Option<&Expected> {
+        while self.pending.front() == Some(&Expected::CopyInEnded) {
+            self.pending.pop_front();
         }
-        self.unexpected_responses += 1;
-        debug!(response = what, front = ?self.pending.front(), "response matches no pending request");
-        None
+        self.pending.front()
+    }
+
+    fn desync(&mut self, response: u8) -> StateError {
+        StateError::Desync {
+            response: char::from(response),
+            expected: format!("{:?}", self.front()),
+        }
+    }
+
+    /// Pops the front entry when `matches` accepts it; a desync otherwise.
+    fn pop_matching(
+        &mut self,
+        response: u8,
+        matches: impl Fn(&Expected) -> bool,
+    ) -> Result<Expected, StateError> {
+        if self.front().is_some_and(&matches) {
+            if let Some(expected) = self.pending.pop_front() {
+                return Ok(expected);
+            }
+        }
+        Err(self.desync(response))
     }
 
     /// Records a message the backend sent, before it is forwarded to the client.
-    pub fn on_server_message(&mut self, tag: u8, body: &[u8]) -> Result<(), MalformedMessage> {
+    pub fn on_server_message(&mut self, tag: u8, body: &[u8]) -> Result<(), StateError> {
         match tag {
             b'1' => {
-                if let Some(Expected::ParseComplete(statement)) =
-                    self.pop_expected("ParseComplete", |e| matches!(e, Expected::ParseComplete(_)))
+                if let Expected::ParseComplete(statement) =
+                    self.pop_matching(tag, |e| matches!(e, Expected::ParseComplete(_)))?
                 {
                     self.statements.insert(statement.name.clone(), statement);
                 }
             }
             b'2' => {
-                if let Some(Expected::BindComplete { portal, statement }) = self
-                    .pop_expected("BindComplete", |e| {
-                        matches!(e, Expected::BindComplete { .. })
-                    })
+                if let Expected::BindComplete { portal, statement } =
+                    self.pop_matching(tag, |e| matches!(e, Expected::BindComplete { .. }))?
                 {
                     let statement = self.statements.get(&statement).cloned();
                     self.portals.insert(
@@ -254,53 +287,65 @@ impl SessionState {
                 }
             }
             b'3' => {
-                if let Some(Expected::CloseComplete { target, name }) = self
-                    .pop_expected("CloseComplete", |e| {
-                        matches!(e, Expected::CloseComplete { .. })
-                    })
+                if let Expected::CloseComplete { target, name } =
+                    self.pop_matching(tag, |e| matches!(e, Expected::CloseComplete { .. }))?
                 {
                     match target {
-                        Target::Statement => self.statements.remove(&name),
-                        Target::Portal => self.portals.remove(&name).and(None),
-                    };
+                        Target::Statement => {
+                            self.statements.remove(&name);
+                        }
+                        Target::Portal => {
+                            self.portals.remove(&name);
+                        }
+                    }
                 }
             }
-            b'T' => {
-                // Answers a Describe; inside a Query or Execute it starts a result set.
-                if matches!(
-                    self.pending.front(),
-                    Some(
-                        Expected::StatementDescription { .. } | Expected::PortalDescription { .. }
-                    )
-                ) {
+            // ParameterDescription comes first in the answer to Describe of a statement.
+            b't' if matches!(self.front(), Some(Expected::StatementDescription { .. })) => {}
+            b't' => return Err(self.desync(tag)),
+            b'T' => match self.front() {
+                // Answers a Describe.
+                Some(
+                    Expected::StatementDescription { .. } | Expected::PortalDescription { .. },
+                ) => {
                     self.pending.pop_front();
                 }
-            }
+                // Starts a result set of a simple query.
+                Some(Expected::SimpleQuery) => {}
+                _ => return Err(self.desync(tag)),
+            },
             b'n' => {
-                self.pop_expected("NoData", |e| {
+                self.pop_matching(tag, |e| {
                     matches!(
                         e,
                         Expected::StatementDescription { .. } | Expected::PortalDescription { .. }
                     )
-                });
+                })?;
             }
             b'C' | b'I' | b's' => {
                 self.copy = None;
-                if let Some(b"DEALLOCATE ALL" | b"DISCARD ALL") = Some(command_tag(body)) {
-                    self.statements.clear();
+                self.copy_in_open = false;
+                if tag == b'C' {
+                    self.forget_names_changed_by_sql(command_tag(body));
                 }
-                if matches!(self.pending.front(), Some(Expected::ExecuteResult { .. })) {
-                    self.pending.pop_front();
-                } else if !matches!(self.pending.front(), Some(Expected::SimpleQuery)) {
-                    self.pop_expected("CommandComplete", |_| false);
+                match self.front() {
+                    Some(Expected::ExecuteResult { .. }) => {
+                        self.pending.pop_front();
+                    }
+                    Some(Expected::SimpleQuery) => {}
+                    _ => return Err(self.desync(tag)),
                 }
             }
-            b'G' => self.copy = Some(CopyDirection::In),
+            b'G' => {
+                self.copy = Some(CopyDirection::In);
+                self.begin_copy_in()?;
+            }
             b'H' => self.copy = Some(CopyDirection::Out),
             b'W' => self.copy = Some(CopyDirection::Both),
             b'E' => {
                 self.copy = None;
-                match self.pending.front() {
+                self.copy_in_open = false;
+                match self.front() {
                     // A simple query or function call still ends with ReadyForQuery; an
                     // error with nothing pending is asynchronous (e.g. FATAL shutdown).
                     None | Some(Expected::SimpleQuery | Expected::FunctionCallResult) => {}
@@ -321,25 +366,17 @@ impl SessionState {
             b'Z' => {
                 self.transaction = TransactionStatus::decode_ready_for_query(body)?;
                 self.copy = None;
-                // Pop up to and including the request this ReadyForQuery answers.
-                loop {
-                    match self.pending.pop_front() {
-                        Some(Expected::SimpleQuery) => {
-                            // A simple Query destroys the unnamed statement and portal.
-                            self.statements.remove(&b""[..]);
-                            self.portals.remove(&b""[..]);
-                            break;
-                        }
-                        Some(expected) if expected.ends_with_ready() => break,
-                        Some(other) => {
-                            self.unexpected_responses += 1;
-                            debug!(skipped = ?other, "ReadyForQuery before an expected response");
-                        }
-                        None => {
-                            self.unexpected_responses += 1;
-                            break;
-                        }
-                    }
+                self.copy_in_open = false;
+                let answered = self.pop_matching(tag, |e| {
+                    matches!(
+                        e,
+                        Expected::SyncReady | Expected::SimpleQuery | Expected::FunctionCallResult
+                    )
+                })?;
+                if answered == Expected::SimpleQuery {
+                    // A simple Query destroys the unnamed statement and portal.
+                    self.statements.remove(&b""[..]);
+                    self.portals.remove(&b""[..]);
                 }
                 if self.transaction == TransactionStatus::Idle {
                     // Portals do not outlive their transaction.
@@ -349,6 +386,52 @@ impl SessionState {
             _ => {}
         }
         Ok(())
+    }
+
+    /// CopyInResponse: the front entry is the Query or Execute that started the COPY.
+    /// The server ignores Syncs sent after it until the copy ends, so they get no
+    /// answer; any other message in between would be swallowed as an error.
+    fn begin_copy_in(&mut self) -> Result<(), StateError> {
+        if !matches!(
+            self.front(),
+            Some(Expected::SimpleQuery | Expected::ExecuteResult { .. })
+        ) {
+            return Err(self.desync(b'G'));
+        }
+        while let Some(entry) = self.pending.get(1) {
+            match entry {
+                Expected::SyncReady => {
+                    self.pending.remove(1);
+                }
+                Expected::CopyInEnded => {
+                    // The client already ended the copy; what follows is answered.
+                    self.pending.remove(1);
+                    return Ok(());
+                }
+                other => {
+                    return Err(StateError::ClientViolation(format!(
+                        "request sent between a COPY FROM STDIN and its data: {other:?}"
+                    )))
+                }
+            }
+        }
+        self.copy_in_open = true;
+        Ok(())
+    }
+
+    /// SQL `PREPARE`/`DEALLOCATE` and `DECLARE`/`CLOSE` share the names of protocol
+    /// statements and portals. pgveil does not parse which name they touched, so it
+    /// forgets them all: an unknown name is safer than a wrong one.
+    fn forget_names_changed_by_sql(&mut self, tag: &[u8]) {
+        match tag {
+            b"PREPARE" | b"DEALLOCATE" | b"DEALLOCATE ALL" => self.statements.clear(),
+            b"DECLARE CURSOR" | b"CLOSE CURSOR" | b"CLOSE CURSOR ALL" => self.portals.clear(),
+            b"DISCARD ALL" => {
+                self.statements.clear();
+                self.portals.clear();
+            }
+            _ => {}
+        }
     }
 }
 
@@ -415,7 +498,6 @@ mod tests {
         assert!(state.pending().is_empty());
         assert!(state.portal(b"p1").is_none());
         assert!(state.statement(b"s1").is_some());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -440,7 +522,6 @@ mod tests {
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.statement(b"good").is_some());
         assert!(state.pending().is_empty());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -460,7 +541,6 @@ mod tests {
         );
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -475,7 +555,6 @@ mod tests {
         assert_eq!(state.pending().front(), Some(&Expected::SimpleQuery));
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -503,7 +582,6 @@ mod tests {
         state.on_server_message(b'Z', b"T").unwrap();
         assert!(state.portal(b"cur").is_none());
         assert!(state.statement(b"s").is_none());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -519,7 +597,6 @@ mod tests {
         state.on_server_message(b'T', b"").unwrap();
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
-        assert_eq!(state.unexpected_responses(), 0);
     }
 
     #[test]
@@ -556,6 +633,148 @@ mod tests {
         state.on_server_message(b'C', b"DEALLOCATE ALL\0").unwrap();
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.statement(b"s").is_none());
+    }
+
+    #[test]
+    fn syncs_sent_during_an_extended_copy_in_get_no_answer() {
+        // libpq and tokio-postgres: P/B/D/E/S, then the data, CopyDone and Sync.
+        let mut state = SessionState::new();
+        state
+            .on_client_message(b'P', &parse("", "copy t from stdin"))
+            .unwrap();
+        state.on_client_message(b'B', &bind("", "")).unwrap();
+        state.on_client_message(b'D', &target(b'P', "")).unwrap();
+        state.on_client_message(b'E', &execute("")).unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'1', b"").unwrap();
+        state.on_server_message(b'2', b"").unwrap();
+        state.on_server_message(b'n', b"").unwrap();
+        state.on_server_message(b'G', b"").unwrap();
+        // The server will ignore that first Sync.
+        assert_eq!(
+            state.pending().iter().collect::<Vec<_>>(),
+            vec![&Expected::ExecuteResult {
+                portal: Bytes::new()
+            }]
+        );
+        state.on_client_message(b'd', b"1\n").unwrap();
+        state.on_client_message(b'H', b"").unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_client_message(b'c', b"").unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'C', b"COPY 1\0").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        assert!(state.pending().is_empty());
+
+        // The bookkeeping still matches what follows.
+        state
+            .on_client_message(b'P', &parse("after", "select 1"))
+            .unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'1', b"").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        assert!(state.statement(b"after").is_some());
+    }
+
+    #[test]
+    fn copy_data_pipelined_before_the_copy_response_is_accounted_for() {
+        let mut state = SessionState::new();
+        state.on_client_message(b'B', &bind("", "s")).unwrap();
+        state.on_client_message(b'E', &execute("")).unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_client_message(b'd', b"1\n").unwrap();
+        state.on_client_message(b'c', b"").unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'2', b"").unwrap();
+        state.on_server_message(b'G', b"").unwrap();
+        state.on_server_message(b'C', b"COPY 1\0").unwrap();
+        // Only the Sync after CopyDone is answered.
+        state.on_server_message(b'Z', b"I").unwrap();
+        assert!(state.pending().is_empty());
+    }
+
+    #[test]
+    fn a_failed_simple_copy_leaves_no_stale_entries() {
+        let mut state = SessionState::new();
+        state
+            .on_client_message(b'Q', b"copy t from stdin\0")
+            .unwrap();
+        state.on_server_message(b'G', b"").unwrap();
+        state.on_client_message(b'd', b"bad\n").unwrap();
+        state.on_server_message(b'E', b"SERROR\0\0").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        // The client had not seen the error yet and ends its copy; the server ignores it.
+        state.on_client_message(b'd', b"more\n").unwrap();
+        state.on_client_message(b'c', b"").unwrap();
+        state.on_client_message(b'Q', b"select 1\0").unwrap();
+        state.on_server_message(b'T', b"").unwrap();
+        state.on_server_message(b'C', b"SELECT 1\0").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        assert!(state.pending().is_empty());
+    }
+
+    #[test]
+    fn other_messages_during_copy_in_are_refused() {
+        let mut state = SessionState::new();
+        state
+            .on_client_message(b'Q', b"copy t from stdin\0")
+            .unwrap();
+        state.on_server_message(b'G', b"").unwrap();
+        assert!(matches!(
+            state.on_client_message(b'Q', b"select 1\0"),
+            Err(StateError::ClientViolation(_))
+        ));
+
+        let mut pipelined = SessionState::new();
+        pipelined
+            .on_client_message(b'Q', b"copy t from stdin\0")
+            .unwrap();
+        pipelined.on_client_message(b'Q', b"select 1\0").unwrap();
+        assert!(matches!(
+            pipelined.on_server_message(b'G', b""),
+            Err(StateError::ClientViolation(_))
+        ));
+    }
+
+    #[test]
+    fn sql_prepare_and_deallocate_make_statement_names_unknown() {
+        let mut state = SessionState::new();
+        state
+            .on_client_message(b'P', &parse("s1", "select 1 as harmless"))
+            .unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'1', b"").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        state
+            .on_client_message(b'Q', b"deallocate s1; prepare s1 as select 2\0")
+            .unwrap();
+        state.on_server_message(b'C', b"DEALLOCATE\0").unwrap();
+        state.on_server_message(b'C', b"PREPARE\0").unwrap();
+        state.on_server_message(b'Z', b"I").unwrap();
+        assert!(state.statement(b"s1").is_none());
+        state.on_client_message(b'B', &bind("p", "s1")).unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'2', b"").unwrap();
+        state.on_server_message(b'Z', b"T").unwrap();
+        assert_eq!(state.portal(b"p").unwrap().statement, None);
+    }
+
+    #[test]
+    fn a_response_nobody_asked_for_is_a_desync() {
+        let mut state = SessionState::new();
+        assert!(matches!(
+            state.on_server_message(b'Z', b"I"),
+            Err(StateError::Desync { response: 'Z', .. })
+        ));
+        let mut state = SessionState::new();
+        state.on_client_message(b'S', b"").unwrap();
+        assert!(matches!(
+            state.on_server_message(b'1', b""),
+            Err(StateError::Desync { response: '1', .. })
+        ));
+        // An error with nothing pending is asynchronous (admin shutdown), not a desync.
+        let mut state = SessionState::new();
+        state.on_server_message(b'E', b"SFATAL\0\0").unwrap();
     }
 
     #[test]

@@ -25,6 +25,13 @@ use crate::wire::startup::{encode_negotiate_protocol_version, CancelKey, Startup
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
+/// Largest client message accepted before authentication completes (PostgreSQL's
+/// `PG_MAX_AUTH_TOKEN_LENGTH`): nobody unauthenticated makes pgveil buffer more.
+const MAX_CLIENT_AUTH_MESSAGE: usize = 65_536;
+
+/// Largest server message expected during authentication and start-up.
+const MAX_SERVER_STARTUP_MESSAGE: usize = 1 << 20;
+
 /// Opens the upstream connection and, per `sslmode`, TLS on it.
 pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), SessionError> {
     let upstream = &ctx.config.upstream;
@@ -43,7 +50,7 @@ pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), Session
         Ok(Err(error)) => return Err(unreachable(error.to_string())),
         Ok(Ok(socket)) => socket,
     };
-    let _ = socket.set_nodelay(true);
+    super::tune_socket(&socket);
     let peer = socket.peer_addr().map_err(|e| unreachable(e.to_string()))?;
     let Some(tls) = ctx.upstream_tls.as_ref() else {
         return Ok((
@@ -112,7 +119,7 @@ pub async fn relay_authentication(
 
     let mut cancel_key = None;
     loop {
-        let Some((tag, body)) = upstream.read_message().await? else {
+        let Some((tag, body)) = upstream.read_message(MAX_SERVER_STARTUP_MESSAGE).await? else {
             return Err(SessionError::UpstreamClosed);
         };
         match tag {
@@ -194,7 +201,7 @@ async fn relay_client_response(
     upstream: &mut Framed,
     check_channel_binding_flag: bool,
 ) -> Result<bool, SessionError> {
-    let Some((tag, body)) = client.read_message().await? else {
+    let Some((tag, body)) = client.read_message(MAX_CLIENT_AUTH_MESSAGE).await? else {
         return Ok(false);
     };
     if tag != b'p' {

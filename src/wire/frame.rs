@@ -15,6 +15,18 @@ pub const MAX_FRAME_LENGTH: usize = 1 << 30;
 /// Size of a frame header: the type byte and the length field.
 pub const HEADER_LEN: usize = 5;
 
+/// PostgreSQL's limit for frontend messages that never carry data (Close, Describe,
+/// Execute, Flush, Sync, Terminate, CopyDone, CopyFail); see `PQ_SMALL_MESSAGE_LIMIT`.
+pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+
+/// Largest length a client may declare for a message of type `tag`.
+pub fn max_frontend_message_length(tag: u8) -> usize {
+    match tag {
+        b'C' | b'D' | b'E' | b'H' | b'S' | b'X' | b'c' | b'f' => SMALL_MESSAGE_LIMIT,
+        _ => MAX_FRAME_LENGTH,
+    }
+}
+
 /// A frame header that is not acceptable.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -22,6 +34,12 @@ pub enum FrameError {
     TooShort { tag: char, length: i64 },
     #[error("message of type {tag:?} is {length} bytes long, over the 1 GiB limit")]
     TooLong { tag: char, length: i64 },
+    #[error("message of type {tag:?} is {length} bytes long, over its limit of {limit}")]
+    TooLongForType {
+        tag: char,
+        length: usize,
+        limit: usize,
+    },
 }
 
 /// The type byte and total length of one message.
@@ -62,6 +80,19 @@ impl FrameHeader {
     /// Length of the whole frame, header included.
     pub fn frame_len(&self) -> usize {
         HEADER_LEN + self.body_len
+    }
+
+    /// Checks the declared length against `limit` (which counts the length field).
+    pub fn check_limit(&self, limit: usize) -> Result<(), FrameError> {
+        let length = self.body_len + 4;
+        if length > limit {
+            return Err(FrameError::TooLongForType {
+                tag: char::from(self.tag),
+                length,
+                limit,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -153,6 +184,31 @@ mod tests {
             FrameHeader::parse(&bytes).unwrap().unwrap().body_len,
             MAX_FRAME_LENGTH - 4
         );
+    }
+
+    #[test]
+    fn small_frontend_messages_have_their_own_limit() {
+        let sync = FrameHeader {
+            tag: b'S',
+            body_len: 0,
+        };
+        assert!(sync.check_limit(max_frontend_message_length(b'S')).is_ok());
+        let huge_sync = FrameHeader {
+            tag: b'S',
+            body_len: SMALL_MESSAGE_LIMIT,
+        };
+        assert!(matches!(
+            huge_sync.check_limit(max_frontend_message_length(b'S')),
+            Err(FrameError::TooLongForType {
+                limit: SMALL_MESSAGE_LIMIT,
+                ..
+            })
+        ));
+        let query = FrameHeader {
+            tag: b'Q',
+            body_len: 1 << 20,
+        };
+        assert!(query.check_limit(max_frontend_message_length(b'Q')).is_ok());
     }
 
     #[test]
