@@ -11,6 +11,7 @@
 #   SCALE     pgbench -i scale factor                     (default 10)
 #   CLIENTS   space-separated client counts               (default "1 8")
 #   MODES     space-separated pgbench -M protocol modes   (default "simple prepared")
+#   ROUNDS    interleaved rounds per row; medians are shown (default 3)
 #   PGVEIL_WORKERS  pgveil --workers (default: pgveil's own default)
 #
 # What it does, in one go:
@@ -37,6 +38,7 @@ DURATION=${DURATION:-15}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple prepared"}
+ROUNDS=${ROUNDS:-3}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
@@ -94,6 +96,7 @@ trap 'exit 129' HUP
 # ------------------------------------------------------------- validation ---
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (got '$DURATION')"
 [[ $SCALE =~ ^[1-9][0-9]*$ ]] || die "SCALE must be a positive integer (got '$SCALE')"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 for c in $CLIENTS; do
     [[ $c =~ ^[1-9][0-9]*$ ]] || die "CLIENTS entries must be positive integers (got '$c')"
 done
@@ -294,18 +297,39 @@ run_one() { # target mode clients
             log "$target (pid $pid) is no longer running"
         fi
         FAILURES+=("$key")
-        TPS[$key]=FAIL
-        LAT[$key]=FAIL
     else
-        TPS[$key]=$tps
-        LAT[$key]=$lat
+        TPS_RUNS[$key]+="$(printf "%.0f" "$tps") "
+        LAT_RUNS[$key]+="$lat "
     fi
 }
 
+median() { # numbers... -> their median (FAIL when none)
+    if [[ $# -eq 0 ]]; then echo FAIL; return; fi
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Rounds interleave the targets, rotating which goes first, so drift in the machine's
+# load (other tenants, thermal) hits all three alike; the table shows medians.
+declare -A TPS_RUNS LAT_RUNS
+for round in $(seq 1 "$ROUNDS"); do
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            for i in 0 1 2; do
+                run_one "${TARGETS[$(( (i + round - 1) % 3 ))]}" "$mode" "$c"
+            done
+        done
+    done
+done
+for key in "${!TPS_RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    TPS[$key]=$(median ${TPS_RUNS[$key]})
+    # shellcheck disable=SC2086
+    LAT[$key]=$(median ${LAT_RUNS[$key]})
+done
 for mode in $MODES; do
     for c in $CLIENTS; do
         for target in "${TARGETS[@]}"; do
-            run_one "$target" "$mode" "$c"
+            [[ -n ${TPS[$mode/$c/$target]:-} ]] || { TPS[$mode/$c/$target]=FAIL; LAT[$mode/$c/$target]=FAIL; }
         done
     done
 done
@@ -327,7 +351,7 @@ fmt() { # number -> fixed decimals, FAIL stays
     echo "- PostgreSQL: $PG_VERSION ($PG_BIN)"
     echo "- PgBouncer: $PGBOUNCER_VERSION (pool_mode = session)"
     echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown) (workers: ${PGVEIL_WORKERS:-default, one per core})"
-    echo "- scale $SCALE, ${DURATION}s per run, -j = min(clients, 2), fsync=off, TCP on 127.0.0.1"
+    echo "- scale $SCALE, ${DURATION}s per run, $ROUNDS interleaved rounds (medians shown), -j = min(clients, 2), fsync=off, TCP on 127.0.0.1"
     echo
     echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil/direct | pgveil/pgbouncer |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -341,7 +365,14 @@ fmt() { # number -> fixed decimals, FAIL stays
         done
     done
     echo
-    echo "Ratios are TPS ratios (higher is better for pgveil)."
+    echo "Ratios are TPS ratios of the medians (higher is better for pgveil). Every run, TPS:"
+    echo
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s\n' "$mode" "$c" \
+                "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" "${TPS_RUNS[$mode/$c/pgveil]:-}"
+        done
+    done
 }
 
 if (( ${#FAILURES[@]} > 0 )); then

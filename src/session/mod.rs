@@ -238,16 +238,16 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             info!(%peer, %error, "client opening refused");
-            if let Some(report) = error.report() {
-                let _ = send_report(&mut client.conn, &report).await;
-            }
+            tell_client(&mut client.conn, &error).await;
             return;
         }
         Err(_) => {
             info!(%peer, "client sent no startup packet in time");
-            if let Some(report) = SessionError::StartupTimeout(startup_limit).report() {
-                let _ = send_report(&mut client.conn, &report).await;
-            }
+            tell_client(
+                &mut client.conn,
+                &SessionError::StartupTimeout(startup_limit),
+            )
+            .await;
             return;
         }
     };
@@ -280,9 +280,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     Ok(None) => return,
                     Err(error) => {
                         info!(%peer, %user, %error, "session refused");
-                        if let Some(report) = error.report() {
-                            let _ = send_report(&mut client.conn, &report).await;
-                        }
+                        tell_client(&mut client.conn, &error).await;
                         return;
                     }
                 };
@@ -292,6 +290,13 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 Some(error) => info!(%peer, %user, %error, "session ended with an error"),
             }
         }
+    }
+}
+
+/// Sends the client the report for `error`, when there is one worth sending.
+async fn tell_client<W: AsyncWrite + Unpin>(writer: &mut W, error: &SessionError) {
+    if let Some(report) = error.report() {
+        let _ = send_report(writer, &report).await;
     }
 }
 
@@ -391,11 +396,9 @@ async fn relay(
             Some(SessionError::ProxyShuttingDown)
         }
     };
-    if let Some(report) = error.as_ref().and_then(SessionError::report) {
-        // Only between messages: a report inside a half-sent row would garble both.
-        if to_client.at_message_boundary() {
-            let _ = send_report(&mut client_write, &report).await;
-        }
+    // Only between messages: a report inside a half-sent row would garble both.
+    if let (Some(error), true) = (&error, to_client.at_message_boundary()) {
+        tell_client(&mut client_write, error).await;
     }
     let _ = timeout(Duration::from_secs(1), client_write.shutdown()).await;
     error
