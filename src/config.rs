@@ -168,7 +168,7 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     #[serde(default)]
     pub limits: Limits,
-    /// Threads that run sessions: 0 = one per CPU core; 1 = a single event loop.
+    /// Event-loop threads that run sessions: 0 = one per CPU core.
     #[serde(default = "default_workers")]
     pub workers: usize,
 }

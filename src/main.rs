@@ -50,8 +50,7 @@ struct RunArgs {
     /// Address of the HTTP admin endpoint (overrides `admin`).
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
-    /// Threads running sessions: 0 = one per core, 1 = single event loop (overrides
-    /// `workers`).
+    /// Event-loop threads running sessions: 0 = one per core (overrides `workers`).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 }
@@ -147,22 +146,6 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(admin) = config.admin {
         warn!(%admin, "the admin HTTP endpoint is not available in this build; ignoring `admin`");
     }
-    // One worker runs every session on a single event loop (no cross-thread wake-ups);
-    // more workers spread sessions over cores.
-    let mut builder = match config.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        workers => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if workers > 1 {
-                builder.worker_threads(workers);
-            }
-            builder
-        }
-    };
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(pgveil::server::run(config))?;
+    pgveil::server::run(config)?;
     Ok(())
 }

@@ -1,16 +1,21 @@
-//! The listener: accepts client connections, spawns one task per session, and shuts
-//! down gracefully on SIGTERM or SIGINT (stop accepting, let sessions finish for the
-//! grace period, then close what is left; a second signal closes at once).
+//! The listener and its workers: accepts client connections, hands each to one of
+//! `workers` single-threaded event loops as a task, and shuts down gracefully on
+//! SIGTERM or SIGINT (stop accepting, let sessions finish for the grace period, then
+//! close what is left; a second signal closes at once).
 //!
 //! Start-up fails early and clearly: the listen address, TLS files and upstream TLS
 //! settings are checked before the first client is accepted.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{error, info, warn};
 
@@ -31,6 +36,8 @@ pub enum ServerError {
     UpstreamTls(TlsError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot start worker threads: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Builds the shared context: loads TLS material once, up front.
@@ -86,10 +93,139 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Runs the proxy until a shutdown signal and the end of the grace period.
-pub async fn run(config: Config) -> Result<(), ServerError> {
+/// Runs the proxy until a shutdown signal and the end of the grace period. Blocks the
+/// calling thread.
+///
+/// Thread-per-core: `workers` threads each run a single-threaded event loop that owns
+/// whole sessions, so a session's two pumps never wait for another thread to wake up;
+/// the acceptor hands each new connection to the worker with the fewest.
+pub fn run(config: Config) -> Result<(), ServerError> {
     raise_open_file_limit(config.limits.max_connections);
     let ctx = Arc::new(build_context(config)?);
+    let count = match ctx.config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers = (0..count)
+        .map(|index| Worker::start(index, Arc::clone(&ctx)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let acceptor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let result = acceptor.block_on(accept_until_shutdown(&ctx, &workers));
+    for Worker {
+        commands, thread, ..
+    } in workers
+    {
+        // Without a Drain (start-up failed), a closed inbox stops the worker at once.
+        drop(commands);
+        if thread.join().is_err() {
+            error!("a worker thread panicked");
+        }
+    }
+    info!("pgveil stopped");
+    result
+}
+
+/// What the acceptor tells a worker.
+enum WorkerCommand {
+    Serve(std::net::TcpStream, SocketAddr),
+    /// Accept nothing more; let sessions run until they end or the deadline passes.
+    Drain {
+        deadline: Instant,
+    },
+    /// Close every session now.
+    Close,
+}
+
+struct Worker {
+    commands: mpsc::UnboundedSender<WorkerCommand>,
+    /// Connections handed to this worker and not finished yet.
+    load: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(index: usize, ctx: Arc<ProxyContext>) -> Result<Worker, ServerError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServerError::Runtime)?;
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        let worker_load = Arc::clone(&load);
+        let thread = std::thread::Builder::new()
+            .name(format!("pgveil-worker-{index}"))
+            .spawn(move || runtime.block_on(serve_connections(inbox, ctx, worker_load)))
+            .map_err(ServerError::Runtime)?;
+        Ok(Worker {
+            commands,
+            load,
+            thread,
+        })
+    }
+}
+
+/// A worker's event loop: serves the connections it is handed until told to stop.
+async fn serve_connections(
+    mut inbox: mpsc::UnboundedReceiver<WorkerCommand>,
+    ctx: Arc<ProxyContext>,
+    load: Arc<AtomicUsize>,
+) {
+    let mut sessions = JoinSet::new();
+    let mut deadline: Option<Instant> = None;
+    let mut inbox_open = true;
+    let close_now = loop {
+        if deadline.is_some() && sessions.is_empty() {
+            break false;
+        }
+        let grace_over = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = inbox.recv(), if inbox_open => match command {
+                Some(WorkerCommand::Serve(socket, peer)) => match TcpStream::from_std(socket) {
+                    Ok(socket) => {
+                        let ctx = Arc::clone(&ctx);
+                        let load = Arc::clone(&load);
+                        sessions.spawn(async move {
+                            serve_client(socket, peer, ctx).await;
+                            load.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                    Err(error) => {
+                        load.fetch_sub(1, Ordering::Relaxed);
+                        error!(%peer, %error, "cannot register connection");
+                    }
+                },
+                Some(WorkerCommand::Drain { deadline: until }) => deadline = Some(until),
+                Some(WorkerCommand::Close) => break true,
+                None if deadline.is_some() => inbox_open = false,
+                None => break true,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = grace_over => {
+                warn!(open_sessions = sessions.len(), "grace period over; closing the remaining sessions");
+                break true;
+            }
+        }
+    };
+    if close_now {
+        // Sessions tell their clients (57P01) and close; whatever still hangs is cut.
+        ctx.close_sessions();
+        let said_goodbye = async { while sessions.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), said_goodbye).await;
+    }
+    sessions.shutdown().await;
+}
+
+/// Accepts connections and hands them to workers until SIGTERM/SIGINT; then tells the
+/// workers to drain, and to close at once on a second signal.
+async fn accept_until_shutdown(ctx: &ProxyContext, workers: &[Worker]) -> Result<(), ServerError> {
     let address = ctx.config.listen;
     let listener = TcpListener::bind(address)
         .await
@@ -102,25 +238,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         listen = %bound,
         upstream = %format!("{}:{}", ctx.config.upstream.host, ctx.config.upstream.port),
         tls = ctx.client_tls.is_some(),
+        workers = workers.len(),
         "pgveil is listening"
     );
 
     let mut signals = Signals::install()?;
-    let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             _ = signals.next() => break,
             accepted = listener.accept() => match accepted {
-                Ok((socket, peer)) => {
-                    sessions.spawn(serve_client(socket, peer, Arc::clone(&ctx)));
-                }
+                Ok((socket, peer)) => hand_over(workers, socket, peer),
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of spinning.
                     error!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     }
     drop(listener);
@@ -131,22 +264,51 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         grace_seconds = grace.as_secs(),
         "shutting down: no longer accepting; waiting for open sessions"
     );
-    let drained = async { while sessions.join_next().await.is_some() {} };
+    let deadline = Instant::now() + grace;
+    for worker in workers {
+        let _ = worker.commands.send(WorkerCommand::Drain { deadline });
+    }
+    let all_finished = async {
+        while !workers.iter().all(|worker| worker.thread.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     tokio::select! {
-        finished = tokio::time::timeout(grace, drained) => {
-            if finished.is_err() {
-                warn!(open_sessions = ctx.open_sessions(), "grace period over; closing the remaining sessions");
+        _ = all_finished => {}
+        _ = signals.next() => {
+            warn!("second signal; closing the remaining sessions now");
+            for worker in workers {
+                let _ = worker.commands.send(WorkerCommand::Close);
             }
         }
-        _ = signals.next() => warn!("second signal; closing the remaining sessions now"),
     }
-    // Sessions tell their clients (57P01) and close; whatever still hangs is cut.
-    ctx.close_sessions();
-    let said_goodbye = async { while sessions.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(Duration::from_secs(2), said_goodbye).await;
-    sessions.shutdown().await;
-    info!("pgveil stopped");
     Ok(())
+}
+
+/// Gives a new connection to the worker with the fewest.
+fn hand_over(workers: &[Worker], socket: TcpStream, peer: SocketAddr) {
+    let Some(worker) = workers
+        .iter()
+        .min_by_key(|worker| worker.load.load(Ordering::Relaxed))
+    else {
+        return;
+    };
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            error!(%peer, %error, "cannot hand over connection");
+            return;
+        }
+    };
+    worker.load.fetch_add(1, Ordering::Relaxed);
+    if worker
+        .commands
+        .send(WorkerCommand::Serve(socket, peer))
+        .is_err()
+    {
+        worker.load.fetch_sub(1, Ordering::Relaxed);
+        error!(%peer, "worker is gone; connection dropped");
+    }
 }
 
 /// SIGTERM and SIGINT as one stream of shutdown requests.
