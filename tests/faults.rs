@@ -13,20 +13,25 @@ use support::{
     RawClient, SUPERUSER,
 };
 
+/// Reads until the connection closes; the (SQLSTATE, message) of the error sent.
+fn closing_error(raw: &mut RawClient) -> (String, String) {
+    let messages = raw.read_to_end();
+    let error = messages
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no ErrorResponse before close: {messages:?}"));
+    (
+        error.field(b'C').unwrap_or_default(),
+        error.field(b'M').unwrap_or_default(),
+    )
+}
+
 /// Sends `bytes` on a fresh connection and returns the error pgveil answers with; the
 /// connection must then be closed.
 fn error_for(proxy: &Proxy, bytes: &[u8]) -> (String, String) {
     let mut raw = RawClient::open(proxy.port);
     raw.send(bytes);
-    let messages = raw.read_to_end();
-    let error = messages
-        .iter()
-        .find(|m| m.tag == b'E')
-        .unwrap_or_else(|| panic!("no ErrorResponse for {bytes:?}: {messages:?}"));
-    (
-        error.field(b'C').unwrap_or_default(),
-        error.field(b'M').unwrap_or_default(),
-    )
+    closing_error(&mut raw)
 }
 
 async fn still_serves(proxy: &Proxy) {
@@ -101,13 +106,8 @@ async fn malformed_frames_after_login_end_the_session_with_an_error() {
         let mut bytes = bad.to_vec();
         bytes.extend_from_slice(b"\0\0");
         raw.send(&bytes);
-        let messages = raw.read_to_end();
-        let error = messages
-            .iter()
-            .find(|m| m.tag == b'E')
-            .unwrap_or_else(|| panic!("no error for {bad:?}: {messages:?}"));
-        assert_eq!(error.field(b'C').as_deref(), Some("08P01"));
-        let message = error.field(b'M').unwrap_or_default();
+        let (code, message) = closing_error(&mut raw);
+        assert_eq!(code, "08P01", "{bad:?}");
         assert!(message.contains(expected), "{message}");
     }
     let one: i32 = survivor.query_one("SELECT 1", &[]).await.unwrap().get(0);
@@ -443,13 +443,9 @@ fn a_query_sent_during_copy_in_ends_the_session() {
     let mut raw = RawClient::login(proxy.port, SUPERUSER, "query-in-copy");
     copy_in(&mut raw, "query_in_copy");
     raw.send(&frame(b'Q', b"SELECT 1\0"));
-    let messages = raw.read_to_end();
-    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
-    assert_eq!(error.field(b'C').as_deref(), Some("08P01"));
-    assert!(error
-        .field(b'M')
-        .unwrap_or_default()
-        .contains("sent during COPY FROM STDIN"));
+    let (code, message) = closing_error(&mut raw);
+    assert_eq!(code, "08P01");
+    assert!(message.contains("sent during COPY FROM STDIN"), "{message}");
 }
 
 #[test]
@@ -464,13 +460,9 @@ fn a_huge_password_message_is_refused_before_it_is_buffered() {
     assert_eq!(request.tag, b'R');
     // Claims 1 GiB; pgveil must refuse on the header, not wait for the bytes.
     raw.send(b"p\x40\0\0\0");
-    let messages = raw.read_to_end();
-    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
-    assert_eq!(error.field(b'C').as_deref(), Some("08P01"));
-    assert!(error
-        .field(b'M')
-        .unwrap_or_default()
-        .contains("over its limit of 65536"));
+    let (code, message) = closing_error(&mut raw);
+    assert_eq!(code, "08P01");
+    assert!(message.contains("over its limit of 65536"), "{message}");
 }
 
 #[test]
@@ -490,15 +482,8 @@ fn one_deadline_covers_negotiation_and_authentication() {
     std::thread::sleep(Duration::from_millis(1300));
     // Each phase took less than the limit, both together more.
     raw.send(&frame(b'p', b"md5whatever\0"));
-    let messages = raw.read_to_end();
-    let error = messages.iter().find(|m| m.tag == b'E').expect("error");
-    assert!(
-        error
-            .field(b'M')
-            .unwrap_or_default()
-            .contains("did not complete within 2 s"),
-        "{messages:?}"
-    );
+    let (_, message) = closing_error(&mut raw);
+    assert!(message.contains("did not complete within 2 s"), "{message}");
 }
 
 #[test]
