@@ -105,8 +105,9 @@ impl Pump {
     {
         loop {
             let scanned = {
-                // A poisoned lock means a panic elsewhere in this session; the state is
-                // only bookkeeping, so keep going with it rather than panic again.
+                // Both pumps of a session run inside one task, so a panic in either
+                // unwinds the other too: no pump ever sees this lock poisoned. Taking
+                // the guard either way only avoids an unwrap.
                 let mut state = state.lock().unwrap_or_else(|poison| poison.into_inner());
                 self.scan(&mut state)
             };
@@ -166,9 +167,8 @@ impl Pump {
     fn scan_from(
         &mut self,
         state: &mut SessionState,
-        cursor: &mut usize,
+        pos: &mut usize,
     ) -> Result<Scanned, PumpError> {
-        let pos = cursor;
         let len = self.buf.len();
         loop {
             if self.streaming > 0 {
