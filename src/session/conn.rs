@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SessionError;
-use crate::wire::frame::{try_split_frame, FrameHeader};
+use crate::wire::frame::try_split_frame;
 use crate::wire::startup::{try_split_startup, StartupPacket};
 
 /// A client or upstream connection, encrypted or not.
@@ -152,17 +152,8 @@ impl Framed {
         limit: usize,
     ) -> Result<Option<(u8, Bytes)>, SessionError> {
         loop {
-            let header = FrameHeader::parse(&self.buf)
-                .and_then(|header| match header {
-                    Some(header) => header.check_limit(limit).map(|()| Some(header)),
-                    None => Ok(None),
-                })
+            let split = try_split_frame(&self.buf, limit)
                 .map_err(|error| self.protocol_error(error.to_string()))?;
-            let split = match header {
-                Some(_) => try_split_frame(&self.buf)
-                    .map_err(|error| self.protocol_error(error.to_string()))?,
-                None => None,
-            };
             if let Some((frame, used)) = split {
                 let tag = frame.tag;
                 let mut whole = self.buf.split_to(used);

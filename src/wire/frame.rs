@@ -104,11 +104,16 @@ pub struct Frame<'a> {
 }
 
 /// Takes the first whole frame off `bytes`: `Ok(Some((frame, frame_len)))`, or `Ok(None)`
-/// when more bytes are needed.
-pub fn try_split_frame(bytes: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+/// when more bytes are needed. A declared length over `limit` (which counts the length
+/// field) is an error as soon as the header is in, before any body is waited for.
+pub fn try_split_frame(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
     let Some(header) = FrameHeader::parse(bytes)? else {
         return Ok(None);
     };
+    header.check_limit(limit)?;
     let total = header.frame_len();
     if bytes.len() < total {
         return Ok(None);
@@ -144,18 +149,24 @@ mod tests {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, b'Q', b"select 1\0");
         bytes.extend_from_slice(b"S\0\0");
-        let (frame, used) = try_split_frame(&bytes).unwrap().unwrap();
+        let (frame, used) = try_split_frame(&bytes, MAX_FRAME_LENGTH).unwrap().unwrap();
         assert_eq!(frame.tag, b'Q');
         assert_eq!(frame.body, b"select 1\0");
         assert_eq!(used, 14);
-        assert_eq!(try_split_frame(&bytes[used..]).unwrap(), None);
+        assert_eq!(
+            try_split_frame(&bytes[used..], MAX_FRAME_LENGTH).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn waits_for_the_whole_body() {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, b'Q', b"select 1\0");
-        assert_eq!(try_split_frame(&bytes[..10]).unwrap(), None);
+        assert_eq!(
+            try_split_frame(&bytes[..10], MAX_FRAME_LENGTH).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -187,6 +198,16 @@ mod tests {
     }
 
     #[test]
+    fn a_length_over_the_limit_fails_on_the_header_alone() {
+        // Only the five header bytes are there; the claimed 1 GiB never needs to arrive.
+        assert!(matches!(
+            try_split_frame(b"p\x40\0\0\0", 65_536),
+            Err(FrameError::TooLongForType { limit: 65_536, .. })
+        ));
+        assert_eq!(try_split_frame(b"p\0\0\x01\0", 65_536).unwrap(), None);
+    }
+
+    #[test]
     fn small_frontend_messages_have_their_own_limit() {
         let sync = FrameHeader {
             tag: b'S',
@@ -213,7 +234,9 @@ mod tests {
 
     #[test]
     fn an_empty_body_is_a_frame() {
-        let (frame, used) = try_split_frame(b"S\0\0\0\x04").unwrap().unwrap();
+        let (frame, used) = try_split_frame(b"S\0\0\0\x04", MAX_FRAME_LENGTH)
+            .unwrap()
+            .unwrap();
         assert_eq!((frame.tag, frame.body, used), (b'S', &b""[..], 5));
     }
 }
