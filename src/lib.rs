@@ -4,6 +4,7 @@
 //! This crate root only wires the modules together; see `ARCHITECTURE.md` for the map.
 
 pub mod config;
+pub mod protect;
 pub mod server;
 pub mod session;
 pub mod tls;
