@@ -6,3 +6,4 @@
 //! error message the original value of a protected column.
 
 pub mod mask;
+pub mod pgtypes;
