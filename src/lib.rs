@@ -3,6 +3,7 @@
 //!
 //! This crate root only wires the modules together; see `ARCHITECTURE.md` for the map.
 
+pub mod catalog;
 pub mod config;
 pub mod protect;
 pub mod server;
