@@ -317,7 +317,7 @@ impl Config {
 
 /// The parser's message without its own "error: line N column M:" prefix, which the
 /// `FILE:LINE:COL:` prefix already says.
-fn parser_message(text: &str) -> String {
+pub(crate) fn parser_message(text: &str) -> String {
     let first = text.lines().next().unwrap_or(text).trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
     match first.strip_prefix("line ") {

@@ -1,10 +1,12 @@
-//! pgveil: a transparent PostgreSQL proxy that will add field-level encryption and
-//! role-based masking without application changes.
+//! pgveil: a transparent PostgreSQL proxy that adds role-based masking (and, later,
+//! field-level encryption) without application changes.
 //!
 //! This crate root only wires the modules together; see `ARCHITECTURE.md` for the map.
 
 pub mod catalog;
 pub mod config;
+pub mod engine;
+pub mod policy;
 pub mod protect;
 pub mod server;
 pub mod session;

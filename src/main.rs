@@ -8,11 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tracing::{level_filters::LevelFilter, warn};
 
+use pgveil::catalog::connect::CatalogLogin;
+use pgveil::catalog::snapshot::CatalogSnapshot;
 use pgveil::config::Config;
+use pgveil::policy::Policy;
 
 /// Transparent PostgreSQL proxy. Applications connect to pgveil instead of PostgreSQL;
-/// this build relays every session unchanged (policy enforcement, masking and
-/// encryption are not in it yet).
+/// pgveil returns plaintext, a mask, NULL or an error for each protected column,
+/// according to the caller's role in a YAML policy.
 #[derive(Parser)]
 #[command(name = "pgveil", version, long_about = None)]
 struct Cli {
@@ -30,6 +33,37 @@ enum Command {
         after_help = "Examples:\n  pgveil run --config /etc/pgveil/pgveil.yaml\n  pgveil run --listen 127.0.0.1:6432 --upstream db.internal:5432\n\nSIGTERM or SIGINT: stop accepting, let open sessions finish for limits.shutdown_grace_seconds, then exit."
     )]
     Run(RunArgs),
+    /// Check a policy file, or show what it gives one role.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy; with --config, also against the live database: tables and
+    /// columns exist and their types fit. Exit 1 with FILE:LINE:COL: message per error.
+    #[command(
+        after_help = "Examples:\n  pgveil policy check policies/crm.yaml\n  pgveil policy check policies/crm.yaml --config /etc/pgveil/pgveil.yaml --database crm"
+    )]
+    Check {
+        /// Policy file (YAML).
+        file: PathBuf,
+        /// pgveil config whose `catalog` login is used to read the database.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Database to check against [default: catalog.database of the config].
+        #[arg(long, value_name = "NAME", requires = "config")]
+        database: Option<String>,
+    },
+    /// Print the effective table × column → action matrix of one role.
+    #[command(after_help = "Example:\n  pgveil policy explain policies/crm.yaml --role support")]
+    Explain {
+        /// Policy file (YAML).
+        file: PathBuf,
+        /// Role name as written in the policy (or `default`).
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -62,9 +96,16 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Policy(PolicyCommand::Check {
+            file,
+            config,
+            database,
+        }) => policy_check(&file, config.as_deref(), database),
+        Command::Policy(PolicyCommand::Explain { file, role }) => policy_explain(&file, &role),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<Reported>() => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("pgveil: {error:#}");
             ExitCode::FAILURE
@@ -127,16 +168,8 @@ fn load_config(args: &RunArgs) -> Result<Config> {
 
 fn run(args: RunArgs) -> Result<()> {
     let config = load_config(&args)?;
-    // Fail closed: this build cannot enforce a policy or write an audit log yet, and
-    // running as if it did would pass protected data in plaintext or leave accesses
-    // unrecorded.
-    if let Some(policy) = &config.policy {
-        bail!(
-            "policy {} is configured, but this build of pgveil cannot enforce policies yet; \
-             refusing to start rather than pass protected data unfiltered (remove `policy` to run as a plain proxy)",
-            policy.display()
-        );
-    }
+    // Fail closed: this build cannot write an audit log yet, and running as if it did
+    // would leave accesses unrecorded.
     if config.audit.is_some() {
         bail!(
             "audit is configured, but this build of pgveil cannot write the audit log yet; \
@@ -147,5 +180,89 @@ fn run(args: RunArgs) -> Result<()> {
         warn!(%admin, "the admin HTTP endpoint is not available in this build; ignoring `admin`");
     }
     pgveil::server::run(config)?;
+    Ok(())
+}
+
+/// Exit code 1 with every problem already printed.
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("policy check failed")
+    }
+}
+impl std::fmt::Debug for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("policy check failed")
+    }
+}
+impl std::error::Error for Reported {}
+
+/// The policy, or every problem printed as `FILE:LINE:COL: message`.
+fn load_policy(file: &std::path::Path) -> Result<Policy> {
+    Policy::load(file).map_err(|error| {
+        eprintln!("{error}");
+        anyhow::Error::new(Reported)
+    })
+}
+
+fn policy_check(
+    file: &std::path::Path,
+    config: Option<&std::path::Path>,
+    database: Option<String>,
+) -> Result<()> {
+    let policy = load_policy(file)?;
+    println!("{}: ok: {}", file.display(), policy.summary());
+    let Some(config_path) = config else {
+        return Ok(());
+    };
+    let config = Config::load(config_path)?;
+    let login = CatalogLogin::from_config(&config)?;
+    let database = database
+        .or_else(|| login.database.clone())
+        .context("no database to check against: give --database or set catalog.database")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let snapshot = runtime.block_on(async {
+        let client = login.connect(&database).await?;
+        CatalogSnapshot::load(&client, &database, &policy).await
+    })?;
+    let problems = snapshot.problems(&policy);
+    if problems.is_empty() {
+        println!(
+            "{}: ok against database {database}: {} protected result columns (views included)",
+            file.display(),
+            snapshot.protected_column_count()
+        );
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!(
+            "{}:{}:{}: {}",
+            file.display(),
+            problem.line,
+            problem.column,
+            problem.message
+        );
+    }
+    Err(Reported.into())
+}
+
+fn policy_explain(file: &std::path::Path, role: &str) -> Result<()> {
+    let policy = load_policy(file)?;
+    let Some(id) = policy.role_by_name(role) else {
+        bail!(
+            "{}: no role {role:?} (roles: {})",
+            file.display(),
+            policy
+                .roles
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    print!("{}", policy.explain(id));
     Ok(())
 }

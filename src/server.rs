@@ -20,6 +20,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::engine::{Engine, EngineError};
 use crate::session::{serve_client, ProxyContext, UpstreamTls};
 use crate::tls::{self, TlsError};
 
@@ -38,7 +39,16 @@ pub enum ServerError {
     Signal(std::io::Error),
     #[error("cannot start worker threads: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Policy(#[from] EngineError),
 }
+
+/// How often every loaded catalog is read again, to notice DDL that did not pass
+/// through pgveil.
+const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the policy file is checked for changes.
+const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds the shared context: loads TLS material once, up front.
 pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
@@ -59,7 +69,11 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
             }),
             None => None,
         };
-    Ok(ProxyContext::new(config, client_tls, upstream_tls))
+    let engine = match &config.policy {
+        Some(_) => Some(Arc::new(Engine::new(&config)?)),
+        None => None,
+    };
+    Ok(ProxyContext::new(config, client_tls, upstream_tls, engine))
 }
 
 /// Raises the soft open-file limit to the hard limit: each session holds two
@@ -113,7 +127,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    let result = acceptor.block_on(accept_until_shutdown(&ctx, &workers));
+    let result = acceptor.block_on(async {
+        if let Some(engine) = &ctx.engine {
+            engine.check_startup().await?;
+            tokio::spawn(maintain_policy(engine.clone()));
+        }
+        accept_until_shutdown(&ctx, &workers).await
+    });
     for Worker {
         commands, thread, ..
     } in workers
@@ -283,6 +303,68 @@ async fn accept_until_shutdown(ctx: &ProxyContext, workers: &[Worker]) -> Result
         }
     }
     Ok(())
+}
+
+/// Keeps the policy and catalogs current: reloads the policy when its file changes or
+/// on SIGHUP, and refreshes every loaded catalog on a timer. A reload that fails keeps
+/// the running policy and says why in the log.
+async fn maintain_policy(engine: Arc<Engine>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(error) => {
+            warn!(%error, "cannot watch SIGHUP; the policy reloads only when its file changes");
+            None
+        }
+    };
+    let path = engine.policy_path().to_path_buf();
+    let mut seen = file_stamp(&path);
+    let mut poll = tokio::time::interval(POLICY_POLL_INTERVAL);
+    let mut refresh = tokio::time::interval(CATALOG_REFRESH_INTERVAL);
+    refresh.reset();
+    loop {
+        let reload = tokio::select! {
+            _ = async {
+                match hangup.as_mut() {
+                    Some(hangup) => { hangup.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                info!("SIGHUP received: reloading the policy");
+                seen = file_stamp(&path);
+                true
+            }
+            _ = poll.tick() => {
+                let stamp = file_stamp(&path);
+                let changed = stamp != seen;
+                seen = stamp;
+                if changed {
+                    info!(policy = %path.display(), "policy file changed: reloading");
+                }
+                changed
+            }
+            _ = refresh.tick() => {
+                engine.refresh_all().await;
+                false
+            }
+        };
+        if reload {
+            if let Err(error) = engine.reload_policy().await {
+                error!("policy reload failed; the running policy stays in force: {error}");
+            }
+        }
+    }
+}
+
+/// What identifies a version of the policy file: modification time, size and content
+/// hash (an editor may write within the same second and keep the size).
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let metadata = std::fs::metadata(path).ok()?;
+    let content = std::fs::read(path).ok()?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    content.hash(&mut hasher);
+    Some((metadata.modified().ok()?, metadata.len(), hasher.finish()))
 }
 
 /// Gives a new connection to the worker with the fewest.

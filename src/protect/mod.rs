@@ -5,5 +5,6 @@
 //! this module only decides *how*. Nothing in here may ever return, log or put into an
 //! error message the original value of a protected column.
 
+pub mod keyring;
 pub mod mask;
 pub mod pgtypes;

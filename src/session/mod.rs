@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod conn;
+pub mod guard;
 pub mod negotiate;
 pub mod pump;
 pub mod state;
@@ -29,13 +30,15 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::wire::messages::{ErrorReport, Severity};
 use crate::wire::startup::{CancelKey, StartupError};
 use cancel::CancelRegistry;
 use conn::Framed;
+use guard::ReadGuard;
 use negotiate::{negotiate, Opening};
-use pump::{Direction, Pump, PumpEnd, PumpError};
-use state::{SessionState, StateError};
+use pump::{Direction, Pump, PumpEnd, PumpError, Shared};
+use state::StateError;
 use upstream::AuthOutcome;
 
 /// Why a session ended abnormally.
@@ -67,6 +70,8 @@ pub enum SessionError {
     ProxyShuttingDown,
     #[error("startup did not complete within {0:?}")]
     StartupTimeout(Duration),
+    #[error("policy unavailable: {0}")]
+    PolicyUnavailable(String),
 }
 
 impl SessionError {
@@ -117,6 +122,13 @@ impl SessionError {
                 )
                 .with_hint("this is a pgveil bug or an unusual client; please report it with the client's name"),
             ),
+            SessionError::PolicyUnavailable(reason) => Some(
+                fatal(
+                    "08006",
+                    format!("pgveil: cannot load what the policy protects in this database: {reason}"),
+                )
+                .with_hint("check the `catalog` login in the pgveil config; pgveil serves no session it cannot protect"),
+            ),
             SessionError::StartupTimeout(limit) => Some(fatal(
                 "08P01",
                 format!("pgveil: startup and authentication did not complete within {} s", limit.as_secs()),
@@ -136,6 +148,8 @@ pub struct ProxyContext {
     pub config: Config,
     pub client_tls: Option<TlsAcceptor>,
     pub upstream_tls: Option<UpstreamTls>,
+    /// The policy and catalogs, when a policy is configured.
+    pub engine: Option<Arc<Engine>>,
     pub cancels: CancelRegistry,
     sessions: AtomicUsize,
     /// Connections accepted and still negotiating (not yet sessions).
@@ -149,11 +163,13 @@ impl ProxyContext {
         config: Config,
         client_tls: Option<TlsAcceptor>,
         upstream_tls: Option<UpstreamTls>,
+        engine: Option<Arc<Engine>>,
     ) -> Self {
         ProxyContext {
             config,
             client_tls,
             upstream_tls,
+            engine,
             cancels: CancelRegistry::default(),
             sessions: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
@@ -285,7 +301,24 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     }
                 };
             let _registration = cancel_key.map(|key| ctx.cancels.register(key, upstream_address));
-            match relay(client, upstream, ctx.closing.subscribe()).await {
+            let guard = match &ctx.engine {
+                None => None,
+                Some(engine) => {
+                    let database = startup
+                        .parameter(b"database")
+                        .map(|d| String::from_utf8_lossy(d).into_owned())
+                        .unwrap_or_else(|| user.clone());
+                    match read_guard(engine, database, user.clone()).await {
+                        Ok(guard) => Some(guard),
+                        Err(error) => {
+                            warn!(%peer, %user, %error, "session refused: policy unavailable");
+                            tell_client(&mut client.conn, &error).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            match relay(client, upstream, guard, ctx.closing.subscribe()).await {
                 None => debug!(%peer, %user, "session ended"),
                 Some(error) => info!(%peer, %user, %error, "session ended with an error"),
             }
@@ -341,14 +374,37 @@ async fn authenticate(
         .map_err(|_| SessionError::StartupTimeout(startup_limit))?
 }
 
+/// The read path of a session: its database's protection and the login's role.
+async fn read_guard(
+    engine: &Arc<Engine>,
+    database: String,
+    user: String,
+) -> Result<ReadGuard, SessionError> {
+    let unavailable =
+        |error: crate::engine::EngineError| SessionError::PolicyUnavailable(error.to_string());
+    let protection = engine.protection(&database).await.map_err(unavailable)?;
+    let memberships = engine
+        .memberships(&database, &user)
+        .await
+        .map_err(unavailable)?;
+    Ok(ReadGuard::new(
+        engine.clone(),
+        database,
+        user,
+        memberships,
+        protection,
+    ))
+}
+
 /// Runs both pumps until one side ends, then says what happened to the client when it
 /// can still be told.
 async fn relay(
     client: Framed,
     upstream: Framed,
+    guard: Option<ReadGuard>,
     mut closing: watch::Receiver<bool>,
 ) -> Option<SessionError> {
-    let state = Mutex::new(SessionState::new());
+    let state = Mutex::new(Shared::new(guard));
     let (mut client_read, mut client_write) = client.conn.split();
     let (mut upstream_read, mut upstream_write) = upstream.conn.split();
     let mut to_server = Pump::new(Direction::ClientToServer, client.buf);

@@ -1,11 +1,13 @@
 //! The hot path: one pump per direction copies bytes from one peer to the other,
 //! splitting them into messages only as far as the session state asks.
 //!
-//! Message types the state does not inspect (DataRow, CopyData, notices, unknown types)
-//! are streamed: their bodies are forwarded as they arrive, never buffered whole, so
-//! memory per session stays bounded whatever the result size. Inspected messages are
-//! shown to [`SessionState`] before they are written, so every expectation is queued
-//! before its answer can arrive. Bytes are forwarded exactly as received.
+//! Message types nobody inspects (DataRow of unprotected results, CopyData, notices,
+//! unknown types) are streamed: their bodies are forwarded as they arrive, never
+//! buffered whole, so memory per session stays bounded whatever the result size.
+//! Inspected messages are shown to [`SessionState`] before they are written, so every
+//! expectation is queued before its answer can arrive, and, when a policy is loaded, to
+//! the [`ReadGuard`], which may replace or drop them. Everything else is forwarded
+//! exactly as received.
 
 use std::io;
 use std::sync::Mutex;
@@ -14,6 +16,7 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::guard::{GuardError, ReadGuard, Refresh, Verdict};
 use super::state::{Disposition, SessionState, StateError};
 use crate::wire::frame::{max_frontend_message_length, FrameError, FrameHeader, HEADER_LEN};
 use crate::wire::messages::error_is_fatal;
@@ -55,6 +58,37 @@ pub enum PumpError {
     State(#[from] StateError),
     #[error("connection closed in the middle of a message")]
     Truncated,
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+}
+
+/// What both pumps of a session share.
+pub struct Shared {
+    pub state: SessionState,
+    /// The policy's read path; `None` when no policy is loaded.
+    pub guard: Option<ReadGuard>,
+}
+
+impl Shared {
+    pub fn new(guard: Option<ReadGuard>) -> Self {
+        Shared {
+            state: SessionState::new(),
+            guard,
+        }
+    }
+
+    fn disposition(&self, direction: Direction, tag: u8) -> Disposition {
+        match direction {
+            Direction::ClientToServer => self.state.client_disposition(tag),
+            Direction::ServerToClient => {
+                match self.guard.as_ref().and_then(|g| g.must_inspect_server(tag)) {
+                    Some(true) => Disposition::Inspect,
+                    Some(false) => Disposition::Stream,
+                    None => self.state.server_disposition(tag),
+                }
+            }
+        }
+    }
 }
 
 /// One direction of a session.
@@ -67,6 +101,8 @@ pub struct Pump {
     writing: bool,
     /// The last message forwarded was a FATAL or PANIC ErrorResponse.
     last_was_fatal_error: bool,
+    /// Output being assembled when messages were replaced or dropped.
+    edited: Vec<u8>,
 }
 
 impl Pump {
@@ -80,6 +116,7 @@ impl Pump {
             streaming: 0,
             writing: false,
             last_was_fatal_error: false,
+            edited: Vec::new(),
         }
     }
 
@@ -97,7 +134,7 @@ impl Pump {
         &mut self,
         reader: &mut R,
         writer: &mut W,
-        state: &Mutex<SessionState>,
+        shared: &Mutex<Shared>,
     ) -> Result<PumpEnd, PumpError>
     where
         R: AsyncRead + Unpin,
@@ -108,23 +145,48 @@ impl Pump {
                 // Both pumps of a session run inside one task, so a panic in either
                 // unwinds the other too: no pump ever sees this lock poisoned. Taking
                 // the guard either way only avoids an unwrap.
-                let mut state = state.lock().unwrap_or_else(|poison| poison.into_inner());
-                self.scan(&mut state)
+                let mut shared = shared.lock().unwrap_or_else(|poison| poison.into_inner());
+                self.scan(&mut shared)
             };
-            if scanned.forward > 0 {
+            if scanned.consumed > 0 {
                 self.writing = true;
-                writer
-                    .write_all(&self.buf[..scanned.forward])
-                    .await
-                    .map_err(PumpError::Write)?;
+                let output = if scanned.edited {
+                    &self.edited[..]
+                } else {
+                    &self.buf[..scanned.consumed]
+                };
+                writer.write_all(output).await.map_err(PumpError::Write)?;
                 self.writing = false;
-                self.buf.advance(scanned.forward);
+                self.buf.advance(scanned.consumed);
+                self.edited.clear();
                 if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
                     self.buf = BytesMut::with_capacity(READ_CHUNK);
+                }
+                if self.edited.capacity() > SHRINK_ABOVE {
+                    self.edited = Vec::new();
                 }
             }
             if let Some(error) = scanned.error {
                 return Err(error);
+            }
+            if let Some(refresh) = scanned.await_catalog {
+                let waiting = {
+                    let shared = shared.lock().unwrap_or_else(|poison| poison.into_inner());
+                    shared
+                        .guard
+                        .as_ref()
+                        .map(|guard| (guard.engine().clone(), guard.database().to_string()))
+                };
+                if let Some((engine, database)) = waiting {
+                    if let Err(error) = engine.refresh(&database, refresh.newer_than).await {
+                        tracing::warn!(%database, %error, "catalog refresh failed");
+                    }
+                }
+                let mut shared = shared.lock().unwrap_or_else(|poison| poison.into_inner());
+                if let Some(guard) = shared.guard.as_mut() {
+                    guard.catalog_refreshed(refresh);
+                }
+                continue;
             }
             if scanned.terminated {
                 writer.flush().await.map_err(PumpError::Write)?;
@@ -148,27 +210,42 @@ impl Pump {
         }
     }
 
-    /// Walks the buffered bytes: how many can be forwarded now, how many more bytes the
-    /// next inspected message needs, and the error that stops the pump after the valid
-    /// messages before it are forwarded.
-    fn scan(&mut self, state: &mut SessionState) -> Scanned {
+    /// Walks the buffered bytes: how many can be consumed now (and what to write for
+    /// them), how many more bytes the next inspected message needs, and the error that
+    /// stops the pump after the valid messages before it are forwarded.
+    fn scan(&mut self, shared: &mut Shared) -> Scanned {
         let mut pos = 0;
-        match self.scan_from(state, &mut pos) {
-            Ok(scanned) => scanned,
-            Err(error) => Scanned {
-                forward: pos,
-                need: 0,
-                terminated: false,
-                error: Some(error),
-            },
+        let mut copied = 0;
+        let result = self.scan_from(shared, &mut pos, &mut copied);
+        let edited = copied > 0;
+        if edited {
+            self.edited.extend_from_slice(&self.buf[copied..pos]);
         }
+        let mut scanned = Scanned {
+            consumed: pos,
+            edited,
+            need: 0,
+            terminated: false,
+            await_catalog: None,
+            error: None,
+        };
+        match result {
+            Ok(Stop::More(need)) => scanned.need = need,
+            Ok(Stop::Terminated) => scanned.terminated = true,
+            Ok(Stop::AwaitCatalog(refresh)) => scanned.await_catalog = Some(refresh),
+            Err(error) => scanned.error = Some(error),
+        }
+        scanned
     }
 
+    /// Scans from `pos`; `copied` is how far the buffer was copied into `edited`
+    /// (0 while nothing was replaced or dropped).
     fn scan_from(
         &mut self,
-        state: &mut SessionState,
+        shared: &mut Shared,
         pos: &mut usize,
-    ) -> Result<Scanned, PumpError> {
+        copied: &mut usize,
+    ) -> Result<Stop, PumpError> {
         let len = self.buf.len();
         loop {
             if self.streaming > 0 {
@@ -176,20 +253,16 @@ impl Pump {
                 *pos += take;
                 self.streaming -= take;
                 if self.streaming > 0 {
-                    return Ok(Scanned::forward(*pos));
+                    return Ok(Stop::More(0));
                 }
             }
             let Some(header) = FrameHeader::parse(&self.buf[*pos..])? else {
-                return Ok(Scanned::forward(*pos));
+                return Ok(Stop::More(0));
             };
             if self.direction == Direction::ClientToServer {
                 header.check_limit(max_frontend_message_length(header.tag))?;
             }
-            let disposition = match self.direction {
-                Direction::ClientToServer => state.client_disposition(header.tag),
-                Direction::ServerToClient => state.server_disposition(header.tag),
-            };
-            if disposition == Disposition::Stream {
+            if shared.disposition(self.direction, header.tag) == Disposition::Stream {
                 self.last_was_fatal_error = false;
                 *pos += HEADER_LEN;
                 self.streaming = header.body_len;
@@ -197,51 +270,76 @@ impl Pump {
             }
             let total = header.frame_len();
             if len - *pos < total {
-                return Ok(Scanned {
-                    forward: *pos,
-                    need: total - (len - *pos),
-                    terminated: false,
-                    error: None,
-                });
+                return Ok(Stop::More(total - (len - *pos)));
             }
             let body = &self.buf[*pos + HEADER_LEN..*pos + total];
-            match self.direction {
-                Direction::ClientToServer => state.on_client_message(header.tag, body)?,
+            let verdict = match self.direction {
+                Direction::ClientToServer => {
+                    let verdict = match shared.guard.as_mut() {
+                        Some(guard) => guard.on_client_message(header.tag),
+                        None => Verdict::Forward,
+                    };
+                    if verdict == Verdict::Forward {
+                        shared.state.on_client_message(header.tag, body)?;
+                    }
+                    verdict
+                }
                 Direction::ServerToClient => {
-                    state.on_server_message(header.tag, body)?;
-                    self.last_was_fatal_error = header.tag == b'E' && error_is_fatal(body);
+                    let verdict = match shared.guard.as_mut() {
+                        Some(guard) => guard.on_server_message(&shared.state, header.tag, body)?,
+                        None => Verdict::Forward,
+                    };
+                    if !matches!(verdict, Verdict::AwaitCatalog(_)) {
+                        shared.state.on_server_message(header.tag, body)?;
+                    }
+                    verdict
+                }
+            };
+            let start = *pos;
+            match verdict {
+                Verdict::AwaitCatalog(refresh) => return Ok(Stop::AwaitCatalog(refresh)),
+                Verdict::Forward => {
+                    if self.direction == Direction::ServerToClient {
+                        self.last_was_fatal_error = header.tag == b'E' && error_is_fatal(body);
+                    }
+                }
+                Verdict::Replace(replacement) => {
+                    self.edited.extend_from_slice(&self.buf[*copied..start]);
+                    self.edited.extend_from_slice(&replacement);
+                    *copied = start + total;
+                    self.last_was_fatal_error = false;
+                }
+                Verdict::Drop => {
+                    self.edited.extend_from_slice(&self.buf[*copied..start]);
+                    *copied = start + total;
                 }
             }
             *pos += total;
             if self.direction == Direction::ClientToServer && header.tag == b'X' {
                 // Nothing after Terminate is forwarded.
-                return Ok(Scanned {
-                    forward: *pos,
-                    need: 0,
-                    terminated: true,
-                    error: None,
-                });
+                return Ok(Stop::Terminated);
             }
         }
     }
 }
 
-struct Scanned {
-    forward: usize,
-    need: usize,
-    terminated: bool,
-    error: Option<PumpError>,
+/// Why a scan stopped.
+enum Stop {
+    /// The buffer is used up; the next inspected message needs this many more bytes.
+    More(usize),
+    Terminated,
+    AwaitCatalog(Refresh),
 }
 
-impl Scanned {
-    fn forward(forward: usize) -> Self {
-        Scanned {
-            forward,
-            need: 0,
-            terminated: false,
-            error: None,
-        }
-    }
+struct Scanned {
+    /// Buffer bytes done with.
+    consumed: usize,
+    /// Whether `Pump::edited` holds what to write for them instead of the bytes.
+    edited: bool,
+    need: usize,
+    terminated: bool,
+    await_catalog: Option<Refresh>,
+    error: Option<PumpError>,
 }
 
 #[cfg(test)]
@@ -253,7 +351,7 @@ mod tests {
         direction: Direction,
         input: &[u8],
     ) -> (Vec<u8>, Result<PumpEnd, PumpError>) {
-        let state = Mutex::new(SessionState::new());
+        let state = Mutex::new(Shared::new(None));
         let mut pump = Pump::new(direction, BytesMut::new());
         let mut reader = input;
         let mut output = Vec::new();
@@ -320,7 +418,7 @@ mod tests {
     async fn remembers_a_fatal_error() {
         let mut input = Vec::new();
         encode_frame(&mut input, b'E', b"SFATAL\0VFATAL\0C57P01\0Mbye\0\0");
-        let state = Mutex::new(SessionState::new());
+        let state = Mutex::new(Shared::new(None));
         let mut pump = Pump::new(Direction::ServerToClient, BytesMut::new());
         let mut output = Vec::new();
         let end = pump

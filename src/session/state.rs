@@ -8,7 +8,7 @@
 //! forward or drop bytes: it only observes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -17,6 +17,10 @@ use crate::wire::messages::{
     command_tag, execute_portal, BindNames, MalformedMessage, Parse, Target, TargetName,
     TransactionStatus,
 };
+use crate::wire::rows::{bind_result_formats, decode_row_description, FieldDescription};
+
+/// The result columns of a statement or portal: `None` when it returns no rows.
+pub type ResultColumns = Option<Arc<[FieldDescription]>>;
 
 /// A statement prepared through the extended protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +30,9 @@ pub struct PreparedStatement {
     pub query: Bytes,
     /// Parameter type OIDs the client specified (0 = let the server infer).
     pub parameter_types: Vec<u32>,
+    /// The result columns, once the server answered a Describe of the statement. Its
+    /// formats are all text: the real ones come with each Bind.
+    pub columns: OnceLock<ResultColumns>,
 }
 
 /// A portal created by Bind.
@@ -35,6 +42,32 @@ pub struct Portal {
     /// The statement the portal was bound from; `None` when the name is not one pgveil
     /// saw prepared (for instance a statement made with SQL `PREPARE`).
     pub statement: Option<Arc<PreparedStatement>>,
+    /// Result format codes of the Bind (empty: all text; one: for every column).
+    pub result_formats: Vec<i16>,
+    /// The result columns with their real formats, once the server answered a Describe
+    /// of the portal.
+    pub described: Option<ResultColumns>,
+}
+
+impl Portal {
+    /// The result columns with the formats the rows will come in, or `None` when the
+    /// server never described the portal or its statement to pgveil.
+    pub fn result_columns(&self) -> Option<ResultColumns> {
+        if let Some(described) = &self.described {
+            return Some(described.clone());
+        }
+        let columns = self.statement.as_ref()?.columns.get()?.as_ref();
+        Some(columns.map(|columns| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(index, field)| FieldDescription {
+                    format: crate::wire::rows::format_of(&self.result_formats, index),
+                    ..field.clone()
+                })
+                .collect()
+        }))
+    }
 }
 
 /// One response (or group of responses) the backend still owes, in request order.
@@ -44,7 +77,11 @@ pub enum Expected {
     ParseComplete(Arc<PreparedStatement>),
     /// Bind → BindComplete. The statement is resolved when BindComplete arrives, since
     /// in a pipeline its Parse may not be confirmed yet when Bind is sent.
-    BindComplete { portal: Bytes, statement: Bytes },
+    BindComplete {
+        portal: Bytes,
+        statement: Bytes,
+        result_formats: Vec<i16>,
+    },
     /// Describe of a statement → ParameterDescription, then RowDescription or NoData.
     StatementDescription { statement: Bytes },
     /// Describe of a portal → RowDescription or NoData.
@@ -133,6 +170,13 @@ impl SessionState {
         &self.pending
     }
 
+    /// The request the next response answers, skipping markers no response answers.
+    pub fn next_expected(&self) -> Option<&Expected> {
+        self.pending
+            .iter()
+            .find(|expected| **expected != Expected::CopyInEnded)
+    }
+
     pub fn copy_in_progress(&self) -> Option<CopyDirection> {
         self.copy
     }
@@ -195,13 +239,16 @@ impl SessionState {
                     name: Bytes::copy_from_slice(parse.statement),
                     query: Bytes::copy_from_slice(parse.query),
                     parameter_types: parse.parameter_types,
+                    columns: OnceLock::new(),
                 })));
             }
             b'B' => {
                 let names = BindNames::decode(body)?;
+                let result_formats = bind_result_formats(body)?;
                 self.push_expected(Expected::BindComplete {
                     portal: Bytes::copy_from_slice(names.portal),
                     statement: Bytes::copy_from_slice(names.statement),
+                    result_formats,
                 });
             }
             b'D' => {
@@ -273,8 +320,11 @@ impl SessionState {
                 }
             }
             b'2' => {
-                if let Expected::BindComplete { portal, statement } =
-                    self.pop_matching(tag, |e| matches!(e, Expected::BindComplete { .. }))?
+                if let Expected::BindComplete {
+                    portal,
+                    statement,
+                    result_formats,
+                } = self.pop_matching(tag, |e| matches!(e, Expected::BindComplete { .. }))?
                 {
                     let statement = self.statements.get(&statement).cloned();
                     self.portals.insert(
@@ -282,6 +332,8 @@ impl SessionState {
                         Portal {
                             name: portal,
                             statement,
+                            result_formats,
+                            described: None,
                         },
                     );
                 }
@@ -308,19 +360,23 @@ impl SessionState {
                 Some(
                     Expected::StatementDescription { .. } | Expected::PortalDescription { .. },
                 ) => {
-                    self.pending.pop_front();
+                    if let Some(answered) = self.pending.pop_front() {
+                        let columns: Arc<[FieldDescription]> = decode_row_description(body)?.into();
+                        self.record_description(answered, Some(columns));
+                    }
                 }
                 // Starts a result set of a simple query.
                 Some(Expected::SimpleQuery) => {}
                 _ => return Err(self.desync(tag)),
             },
             b'n' => {
-                self.pop_matching(tag, |e| {
+                let answered = self.pop_matching(tag, |e| {
                     matches!(
                         e,
                         Expected::StatementDescription { .. } | Expected::PortalDescription { .. }
                     )
                 })?;
+                self.record_description(answered, None);
             }
             b'C' | b'I' | b's' => {
                 self.copy = None;
@@ -386,6 +442,30 @@ impl SessionState {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Remembers what a Describe answered, for the statement or portal it named.
+    fn record_description(&mut self, answered: Expected, columns: ResultColumns) {
+        match answered {
+            Expected::StatementDescription { statement } => {
+                if let Some(prepared) = self.statements.get(&statement) {
+                    // A statement's columns never change once described.
+                    let _ = prepared.columns.set(columns);
+                }
+            }
+            Expected::PortalDescription { portal } => {
+                self.portals
+                    .entry(portal.clone())
+                    .or_insert_with(|| Portal {
+                        name: portal,
+                        statement: None,
+                        result_formats: Vec::new(),
+                        described: None,
+                    })
+                    .described = Some(columns);
+            }
+            _ => {}
+        }
     }
 
     /// CopyInResponse: the front entry is the Query or Execute that started the COPY.
@@ -594,9 +674,42 @@ mod tests {
         state.on_client_message(b'S', b"").unwrap();
         state.on_server_message(b'1', b"").unwrap();
         state.on_server_message(b't', b"").unwrap();
-        state.on_server_message(b'T', b"").unwrap();
+        let mut row_description = 1i16.to_be_bytes().to_vec();
+        row_description.extend_from_slice(b"x\0");
+        row_description.extend_from_slice(&[0, 0, 0x40, 0, 0, 3, 0, 0, 0, 25, 255, 255]);
+        row_description.extend_from_slice(&[255, 255, 255, 255, 0, 0]);
+        state.on_server_message(b'T', &row_description).unwrap();
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
+        let columns = state.statement(b"s").unwrap().columns.get().unwrap();
+        let column = &columns.as_ref().unwrap()[0];
+        assert_eq!(
+            (column.table_oid, column.attnum, column.type_oid),
+            (16384, 3, 25)
+        );
+    }
+
+    #[test]
+    fn portals_know_their_result_formats_and_described_columns() {
+        let mut state = SessionState::new();
+        state
+            .on_client_message(b'P', &parse("s", "select 1"))
+            .unwrap();
+        let mut bind_body = named("p");
+        bind_body.extend_from_slice(&named("s"));
+        bind_body.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+        state.on_client_message(b'B', &bind_body).unwrap();
+        state.on_client_message(b'E', &execute("p")).unwrap();
+        state.on_client_message(b'S', b"").unwrap();
+        state.on_server_message(b'1', b"").unwrap();
+        state.on_server_message(b'2', b"").unwrap();
+        // Never described: pgveil does not know the columns.
+        assert_eq!(state.portal(b"p").unwrap().result_formats, vec![1]);
+        assert!(state.portal(b"p").unwrap().result_columns().is_none());
+        assert!(matches!(
+            state.next_expected(),
+            Some(Expected::ExecuteResult { .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod frame;
 pub mod messages;
+pub mod rows;
 pub mod startup;
 
 /// Reads a big-endian `i32` at `at`, or `None` when the slice is too short.

@@ -1,0 +1,344 @@
+//! The live protection state every session reads: the current policy together with the
+//! catalog snapshot of each database, role memberships, reloads and refreshes.
+//!
+//! A session asks for the [`Protection`] of its database at each statement; a policy
+//! and the catalog it was resolved against are always published together, so a session
+//! never applies a new policy to an old catalog. A policy that fails to load or to
+//! resolve never replaces the running one. Nothing here touches client traffic.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::catalog::connect::CatalogLogin;
+use crate::catalog::snapshot::CatalogSnapshot;
+use crate::catalog::CatalogError;
+use crate::config::Config;
+use crate::policy::{Policy, PolicyError};
+use crate::protect::keyring::{Keyring, KeyringError};
+use crate::protect::mask::HashKey;
+
+/// How long a login's role memberships are trusted before they are read again.
+pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// A policy with the catalog of one database, resolved against each other.
+#[derive(Debug)]
+pub struct Protection {
+    pub policy: Arc<Policy>,
+    pub catalog: Arc<CatalogSnapshot>,
+    pub hash_key: Option<Arc<HashKey>>,
+    /// Increases with every snapshot published, across databases.
+    pub generation: u64,
+}
+
+/// A login's role memberships and when they were read.
+type CachedMemberships = (Instant, Arc<HashSet<String>>);
+
+#[derive(Default)]
+struct DatabaseSlot {
+    current: RwLock<Option<Arc<Protection>>>,
+    /// One load at a time per database; others wait and reuse its result.
+    loading: tokio::sync::Mutex<()>,
+}
+
+pub struct Engine {
+    login: CatalogLogin,
+    policy_path: PathBuf,
+    policy: RwLock<Arc<Policy>>,
+    hash_key: Option<Arc<HashKey>>,
+    databases: Mutex<HashMap<String, Arc<DatabaseSlot>>>,
+    memberships: Mutex<HashMap<String, CachedMemberships>>,
+    generation: AtomicU64,
+    /// Serialises policy reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .clone()
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(|poison| poison.into_inner()) = value;
+}
+
+/// Checks that `policy` can be enforced with `hash_key`, or says why not.
+fn enforceable(policy: &Policy, hash_key: Option<&Arc<HashKey>>) -> Result<(), EngineError> {
+    if policy.encrypts() {
+        return Err(EngineError::Unusable(
+            "the policy asks for column encryption (`encrypt:`), which this build of pgveil \
+             cannot do yet; refusing rather than store plaintext"
+                .into(),
+        ));
+    }
+    if policy.needs_hash_key() && hash_key.is_none() {
+        return Err(EngineError::Unusable(
+            "the policy uses the `hash` mask, which needs a keyring: set `keyring` in the \
+             config or PGVEIL_KEYRING"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Loads the policy and keyring named by `config`; catalogs load on first use.
+    pub fn new(config: &Config) -> Result<Engine, EngineError> {
+        let policy_path = config
+            .policy
+            .clone()
+            .ok_or_else(|| EngineError::Unusable("no policy configured".into()))?;
+        let policy = Policy::load(&policy_path)?;
+        let keyring = Keyring::from_env_or_file(config.keyring.as_deref())?;
+        let hash_key = keyring
+            .as_ref()
+            .and_then(Keyring::mask_hash_key)
+            .map(Arc::new);
+        enforceable(&policy, hash_key.as_ref())?;
+        let login = CatalogLogin::from_config(config)?;
+        Ok(Engine {
+            login,
+            policy_path,
+            policy: RwLock::new(Arc::new(policy)),
+            hash_key,
+            databases: Mutex::new(HashMap::new()),
+            memberships: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn policy_path(&self) -> &std::path::Path {
+        &self.policy_path
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        read(&self.policy)
+    }
+
+    /// The database pgveil reads the catalog of for a client connected to `database`.
+    pub fn catalog_database<'a>(&'a self, database: &'a str) -> &'a str {
+        self.login.database.as_deref().unwrap_or(database)
+    }
+
+    fn slot(&self, database: &str) -> Arc<DatabaseSlot> {
+        let mut databases = self
+            .databases
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        databases.entry(database.to_string()).or_default().clone()
+    }
+
+    /// The protection currently published for `database`, without waiting.
+    pub fn current(&self, database: &str) -> Option<Arc<Protection>> {
+        let database = self.catalog_database(database);
+        let databases = self
+            .databases
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let slot = databases.get(database)?;
+        read(&slot.current)
+    }
+
+    /// The protection of `database`, loading its catalog on first use.
+    pub async fn protection(&self, database: &str) -> Result<Arc<Protection>, EngineError> {
+        if let Some(current) = self.current(database) {
+            return Ok(current);
+        }
+        self.refresh(database, 0).await
+    }
+
+    /// A protection for `database` built after generation `newer_than`: waits for a
+    /// refresh already running, or runs one.
+    pub async fn refresh(
+        &self,
+        database: &str,
+        newer_than: u64,
+    ) -> Result<Arc<Protection>, EngineError> {
+        let database = self.catalog_database(database).to_string();
+        let slot = self.slot(&database);
+        let _loading = slot.loading.lock().await;
+        if let Some(current) = read(&slot.current) {
+            if current.generation > newer_than {
+                return Ok(current);
+            }
+        }
+        let policy = self.policy();
+        let protection = self.build(&database, policy).await?;
+        write(&slot.current, Some(protection.clone()));
+        Ok(protection)
+    }
+
+    async fn build(
+        &self,
+        database: &str,
+        policy: Arc<Policy>,
+    ) -> Result<Arc<Protection>, EngineError> {
+        let client = self.login.connect(database).await?;
+        let catalog = CatalogSnapshot::load(&client, database, &policy).await?;
+        if !catalog.missing.is_empty() {
+            let missing = describe_missing(&catalog);
+            if self.login.database.is_some() {
+                return Err(EngineError::Unusable(format!(
+                    "{}: {missing} in database {database}",
+                    self.policy_path.display()
+                )));
+            }
+            warn!(%database, "policy names what this database lacks: {missing}");
+        }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        info!(
+            %database,
+            generation,
+            protected_columns = catalog.protected_column_count(),
+            "catalog loaded"
+        );
+        Ok(Arc::new(Protection {
+            policy,
+            catalog: Arc::new(catalog),
+            hash_key: self.hash_key.clone(),
+            generation,
+        }))
+    }
+
+    /// Loads the catalog of the configured database at start-up, so a policy naming a
+    /// table that does not exist stops pgveil before it serves anyone.
+    pub async fn check_startup(&self) -> Result<(), EngineError> {
+        if let Some(database) = self.login.database.clone() {
+            self.refresh(&database, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds every loaded database's catalog (after DDL elsewhere, on a timer).
+    pub async fn refresh_all(&self) {
+        let databases: Vec<String> = {
+            let databases = self
+                .databases
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            databases.keys().cloned().collect()
+        };
+        for database in databases {
+            let newest = self.generation.load(Ordering::Acquire);
+            if let Err(error) = self.refresh(&database, newest).await {
+                warn!(%database, %error, "catalog refresh failed; keeping the previous catalog");
+            }
+        }
+    }
+
+    /// Reads the policy file again and, when it is valid and resolves against every
+    /// loaded catalog, makes it the running policy. Otherwise the running policy stays.
+    pub async fn reload_policy(&self) -> Result<(), EngineError> {
+        let _reloading = self.reloading.lock().await;
+        let policy = Arc::new(Policy::load(&self.policy_path)?);
+        enforceable(&policy, self.hash_key.as_ref())?;
+        let slots: Vec<(String, Arc<DatabaseSlot>)> = {
+            let databases = self
+                .databases
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            databases
+                .iter()
+                .map(|(name, slot)| (name.clone(), slot.clone()))
+                .collect()
+        };
+        let mut built = Vec::new();
+        for (database, slot) in &slots {
+            let protection = self.build(database, policy.clone()).await?;
+            built.push((slot.clone(), protection));
+        }
+        write(&self.policy, policy);
+        for (slot, protection) in built {
+            let _loading = slot.loading.lock().await;
+            write(&slot.current, Some(protection));
+        }
+        info!(policy = %self.policy_path.display(), "policy reloaded");
+        Ok(())
+    }
+
+    /// The PostgreSQL roles `user` is a member of (itself included), cached for
+    /// [`MEMBERSHIP_TTL`].
+    pub async fn memberships(
+        &self,
+        database: &str,
+        user: &str,
+    ) -> Result<Arc<HashSet<String>>, EngineError> {
+        {
+            let cache = self
+                .memberships
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if let Some((read_at, roles)) = cache.get(user) {
+                if read_at.elapsed() < MEMBERSHIP_TTL {
+                    return Ok(roles.clone());
+                }
+            }
+        }
+        let database = self.catalog_database(database).to_string();
+        let client = self.login.connect(&database).await?;
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_catalog.pg_roles \
+                  WHERE pg_catalog.pg_has_role($1::text::name, oid, 'MEMBER')",
+                &[&user],
+            )
+            .await
+            .map_err(|error| CatalogError::Query {
+                what: "role memberships",
+                reason: error.to_string(),
+            })?;
+        let roles: Arc<HashSet<String>> = Arc::new(rows.iter().map(|row| row.get(0)).collect());
+        let mut cache = self
+            .memberships
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        cache.insert(user.to_string(), (Instant::now(), roles.clone()));
+        Ok(roles)
+    }
+
+    /// Forgets cached memberships (after GRANT/REVOKE or role DDL passed through).
+    pub fn forget_memberships(&self) {
+        self.memberships
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clear();
+    }
+}
+
+fn describe_missing(catalog: &CatalogSnapshot) -> String {
+    catalog
+        .missing
+        .iter()
+        .map(|missing| {
+            if missing.missing_columns.is_empty() {
+                format!("table {} does not exist", missing.table)
+            } else {
+                format!(
+                    "table {} has no column {}",
+                    missing.table,
+                    missing.missing_columns.join(", ")
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

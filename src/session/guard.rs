@@ -1,0 +1,570 @@
+//! The read path of the policy: for every result the server sends, what the client may
+//! see of each protected column (plaintext, mask, NULL, or nothing because the statement
+//! fails with 42501).
+//!
+//! It is consulted for each inspected server message *before* the session state records
+//! it, so it knows which request the message answers. It decides per message: forward,
+//! replace (a shaped DataRow, or pgveil's error instead of a statement's result), drop
+//! (the rest of a denied statement, up to ReadyForQuery), or wait for a fresher catalog.
+//! It never forwards a value of a protected column it could not classify: an unknown
+//! relation, an undescribed portal or a malformed row is refused, not passed.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::{debug, info};
+
+use super::state::{Expected, SessionState};
+use crate::catalog::snapshot::{ColumnSource, Lookup};
+use crate::engine::{Engine, Protection};
+use crate::policy::{Action, RoleId};
+use crate::protect::mask::{HashKey, Mask};
+use crate::protect::pgtypes::is_text_like;
+use crate::wire::messages::{
+    command_tag, error_is_fatal, ErrorReport, MalformedMessage, Severity, TransactionStatus,
+};
+use crate::wire::rows::{
+    decode_data_row, decode_row_description, encode_data_row, FieldDescription, BINARY_FORMAT,
+};
+
+#[derive(Debug, Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Malformed(#[from] MalformedMessage),
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// What to do with one message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Replace(Vec<u8>),
+    Drop,
+    /// Wait for a fresher catalog, then show the same message again.
+    AwaitCatalog(Refresh),
+}
+
+/// A catalog refresh a message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refresh {
+    /// The catalog generation the decision was made with; the refresh must be newer.
+    pub newer_than: u64,
+    /// The relation the catalog did not know, if that is why.
+    pub unknown_relation: Option<u32>,
+}
+
+/// How one protected result column is transformed.
+#[derive(Debug)]
+enum Treatment {
+    Mask(Mask),
+    Redact,
+}
+
+/// The transformation of a result's rows.
+#[derive(Debug)]
+struct Shaping {
+    /// Number of columns every row must have.
+    width: usize,
+    columns: Vec<(usize, Treatment)>,
+    hash_key: Option<Arc<HashKey>>,
+}
+
+/// Where the result currently being sent stands.
+#[derive(Debug)]
+enum ResultState {
+    /// Between results; the first message answering an Execute decides.
+    Idle,
+    /// Rows pass untouched.
+    Pass,
+    Shape(Arc<Shaping>),
+    /// Rows of a portal pgveil never saw described: refused if any arrives.
+    Undescribed {
+        portal: String,
+    },
+    /// The statement is refused: drop its messages, then send this error in place of
+    /// its completion.
+    Denied(Box<ErrorReport>),
+}
+
+/// The outcome of checking a row description against the policy.
+enum Plan {
+    Pass,
+    Shape(Shaping),
+    Deny(Box<ErrorReport>),
+    /// A column comes from a relation the catalog does not know: refresh first.
+    Unknown(u32),
+}
+
+pub struct ReadGuard {
+    engine: Arc<Engine>,
+    database: String,
+    user: String,
+    memberships: Arc<HashSet<String>>,
+    protection: Arc<Protection>,
+    role: RoleId,
+    result: ResultState,
+    /// pgveil's error replaced a result: drop everything up to ReadyForQuery, as the
+    /// server would have skipped it after a real error.
+    draining: bool,
+    /// Relations still unknown after a catalog refresh in this transaction.
+    refreshed_for: HashSet<u32>,
+    /// DDL passed through; refresh the catalog before the next request.
+    ddl_seen: bool,
+    refresh_due: bool,
+}
+
+fn denied(sqlstate: &'static str, message: String, hint: &str) -> Box<ErrorReport> {
+    Box::new(ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint))
+}
+
+impl ReadGuard {
+    pub fn new(
+        engine: Arc<Engine>,
+        database: String,
+        user: String,
+        memberships: Arc<HashSet<String>>,
+        protection: Arc<Protection>,
+    ) -> ReadGuard {
+        let role = protection.policy.role_for(&user, &memberships);
+        info!(%user, %database, role = protection.policy.role_name(role), "policy role resolved");
+        ReadGuard {
+            engine,
+            database,
+            user,
+            memberships,
+            protection,
+            role,
+            result: ResultState::Idle,
+            draining: false,
+            refreshed_for: HashSet::new(),
+            ddl_seen: false,
+            refresh_due: false,
+        }
+    }
+
+    pub fn role_name(&self) -> &str {
+        self.protection.policy.role_name(self.role)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Picks up a newer policy or catalog, at a statement boundary.
+    fn sync_protection(&mut self) {
+        if let Some(current) = self.engine.current(&self.database) {
+            if current.generation != self.protection.generation {
+                if !Arc::ptr_eq(&current.policy, &self.protection.policy) {
+                    self.role = current.policy.role_for(&self.user, &self.memberships);
+                    debug!(role = current.policy.role_name(self.role), "policy changed");
+                }
+                self.protection = current;
+            }
+        }
+    }
+
+    fn unrestricted(&self) -> bool {
+        self.protection.policy.is_unrestricted(self.role)
+    }
+
+    /// Whether a server message must be seen whole (`Some(true)`), may stream
+    /// (`Some(false)`), or whether the session state decides (`None`).
+    pub fn must_inspect_server(&self, tag: u8) -> Option<bool> {
+        if self.draining || matches!(self.result, ResultState::Denied(_)) {
+            return Some(true);
+        }
+        match tag {
+            b'D' => Some(match self.result {
+                ResultState::Pass => false,
+                ResultState::Idle => !self.unrestricted(),
+                _ => true,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A catalog refresh finished (or failed) for the message that asked for it.
+    pub fn catalog_refreshed(&mut self, refresh: Refresh) {
+        if let Some(oid) = refresh.unknown_relation {
+            self.refreshed_for.insert(oid);
+        }
+        self.refresh_due = false;
+        self.sync_protection();
+    }
+
+    /// Checks a client message before it is forwarded: after DDL, the next request
+    /// waits for a catalog that includes it.
+    pub fn on_client_message(&mut self, tag: u8) -> Verdict {
+        if self.refresh_due && matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
+            return Verdict::AwaitCatalog(Refresh {
+                newer_than: self.protection.generation,
+                unknown_relation: None,
+            });
+        }
+        Verdict::Forward
+    }
+
+    /// Decides what happens to a server message. Called before `state` records it.
+    pub fn on_server_message(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Verdict, GuardError> {
+        if self.draining {
+            return Ok(match tag {
+                b'Z' => {
+                    self.draining = false;
+                    self.result = ResultState::Idle;
+                    self.on_ready_for_query(body);
+                    Verdict::Forward
+                }
+                b'S' | b'A' => Verdict::Forward,
+                b'E' if error_is_fatal(body) => Verdict::Forward,
+                _ => Verdict::Drop,
+            });
+        }
+        match tag {
+            b'T' => self.on_row_description(state, body),
+            b'D' => {
+                self.begin_execute_result(state)?;
+                self.on_data_row(body)
+            }
+            b'H' | b'G' | b'W' => {
+                self.begin_execute_result(state)?;
+                if tag == b'H' && !self.unrestricted() {
+                    self.result = ResultState::Denied(denied(
+                        "42501",
+                        format!(
+                            "pgveil: COPY ... TO is refused for role {}, which may not see every protected column in plaintext",
+                            self.role_name()
+                        ),
+                        "use SELECT, whose results pgveil masks per the policy",
+                    ));
+                }
+                Ok(self.during_result())
+            }
+            b'd' | b'c' | b'N' => Ok(self.during_result()),
+            b'C' | b'I' | b's' | b'E' => {
+                if tag != b'E' {
+                    self.begin_execute_result(state)?;
+                }
+                if tag == b'C' {
+                    self.note_command(command_tag(body));
+                }
+                let fatal = tag == b'E' && error_is_fatal(body);
+                match std::mem::replace(&mut self.result, ResultState::Idle) {
+                    ResultState::Denied(report) if !fatal => {
+                        // What the client sees instead of the statement's completion; the
+                        // rest up to ReadyForQuery is skipped like after a real error.
+                        self.draining = true;
+                        Ok(Verdict::Replace(report.encode()))
+                    }
+                    _ => Ok(Verdict::Forward),
+                }
+            }
+            b'Z' => {
+                self.result = ResultState::Idle;
+                self.on_ready_for_query(body);
+                Ok(Verdict::Forward)
+            }
+            _ => Ok(Verdict::Forward),
+        }
+    }
+
+    fn during_result(&self) -> Verdict {
+        match self.result {
+            ResultState::Denied(_) => Verdict::Drop,
+            _ => Verdict::Forward,
+        }
+    }
+
+    fn on_ready_for_query(&mut self, body: &[u8]) {
+        let idle = TransactionStatus::decode_ready_for_query(body)
+            .is_ok_and(|status| status == TransactionStatus::Idle);
+        if idle {
+            // Relations created in the transaction are committed now (or gone).
+            self.refreshed_for.clear();
+            if self.ddl_seen {
+                self.ddl_seen = false;
+                self.refresh_due = true;
+            }
+        }
+    }
+
+    fn note_command(&mut self, tag: &[u8]) {
+        let ddl = [
+            &b"CREATE"[..],
+            b"ALTER",
+            b"DROP",
+            b"COMMENT",
+            b"SECURITY LABEL",
+        ];
+        if ddl.iter().any(|prefix| tag.starts_with(prefix)) {
+            self.ddl_seen = true;
+        }
+        if tag.starts_with(b"GRANT")
+            || tag.starts_with(b"REVOKE")
+            || tag.ends_with(b"ROLE")
+            || tag.ends_with(b"USER")
+        {
+            self.engine.forget_memberships();
+        }
+    }
+
+    /// The first message answering an Execute decides how its rows are treated.
+    fn begin_execute_result(&mut self, state: &SessionState) -> Result<(), GuardError> {
+        if !matches!(self.result, ResultState::Idle) {
+            return Ok(());
+        }
+        let Some(Expected::ExecuteResult { portal }) = state.next_expected() else {
+            return Ok(());
+        };
+        self.sync_protection();
+        if self.unrestricted() {
+            self.result = ResultState::Pass;
+            return Ok(());
+        }
+        let columns = state.portal(portal).and_then(|p| p.result_columns());
+        self.result = match columns {
+            None => ResultState::Undescribed {
+                portal: String::from_utf8_lossy(portal).into_owned(),
+            },
+            Some(None) => ResultState::Pass,
+            Some(Some(columns)) => match self.plan(&columns) {
+                Plan::Pass => ResultState::Pass,
+                Plan::Shape(shaping) => ResultState::Shape(Arc::new(shaping)),
+                Plan::Deny(report) => ResultState::Denied(report),
+                // Described earlier, so its relations were checked then; a relation
+                // unknown now was dropped since: nothing can be read from it.
+                Plan::Unknown(oid) => ResultState::Denied(self.unknown_relation(oid)),
+            },
+        };
+        Ok(())
+    }
+
+    fn on_row_description(
+        &mut self,
+        state: &SessionState,
+        body: &[u8],
+    ) -> Result<Verdict, GuardError> {
+        self.sync_protection();
+        let answers_describe = match state.next_expected() {
+            Some(Expected::StatementDescription { .. } | Expected::PortalDescription { .. }) => {
+                true
+            }
+            Some(Expected::SimpleQuery) => false,
+            // The session state reports the desync.
+            _ => return Ok(Verdict::Forward),
+        };
+        if self.unrestricted() {
+            if !answers_describe {
+                self.result = ResultState::Pass;
+            }
+            return Ok(Verdict::Forward);
+        }
+        let columns = decode_row_description(body)?;
+        let plan = self.plan(&columns);
+        if let Plan::Unknown(oid) = plan {
+            return Ok(Verdict::AwaitCatalog(Refresh {
+                newer_than: self.protection.generation,
+                unknown_relation: Some(oid),
+            }));
+        }
+        if answers_describe {
+            // Rows come later, with an Execute; only a refusal acts now.
+            return Ok(match plan {
+                Plan::Deny(report) => {
+                    self.draining = true;
+                    Verdict::Replace(report.encode())
+                }
+                _ => Verdict::Forward,
+            });
+        }
+        let (result, verdict) = match plan {
+            Plan::Pass => (ResultState::Pass, Verdict::Forward),
+            Plan::Shape(shaping) => (ResultState::Shape(Arc::new(shaping)), Verdict::Forward),
+            Plan::Deny(report) => (ResultState::Denied(report), Verdict::Drop),
+            Plan::Unknown(_) => (ResultState::Idle, Verdict::Forward),
+        };
+        self.result = result;
+        Ok(verdict)
+    }
+
+    fn on_data_row(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
+        match &self.result {
+            ResultState::Pass => Ok(Verdict::Forward),
+            ResultState::Denied(_) => Ok(Verdict::Drop),
+            ResultState::Shape(shaping) => {
+                let shaping = shaping.clone();
+                Ok(Verdict::Replace(shape_row(&shaping, body)?))
+            }
+            ResultState::Undescribed { portal } => {
+                let report = denied(
+                    "42501",
+                    format!(
+                        "pgveil: rows arrived for portal \"{portal}\", whose columns pgveil never saw described (role {})",
+                        self.role_name()
+                    ),
+                    "send Describe for the statement or portal before Execute, as most drivers do",
+                );
+                self.result = ResultState::Denied(report);
+                Ok(Verdict::Drop)
+            }
+            ResultState::Idle => Err(GuardError::Unexpected("DataRow outside of a result".into())),
+        }
+    }
+
+    fn unknown_relation(&self, oid: u32) -> Box<ErrorReport> {
+        denied(
+            "42501",
+            format!(
+                "pgveil: a result column comes from relation OID {oid}, which pgveil's catalog does not know (role {})",
+                self.role_name()
+            ),
+            "pgveil cannot see relations created in a transaction that is still open; commit it, then run the query again",
+        )
+    }
+
+    /// Checks every column of a result against the policy.
+    fn plan(&self, columns: &[FieldDescription]) -> Plan {
+        let policy = &self.protection.policy;
+        let mut treatments = Vec::new();
+        for (index, field) in columns.iter().enumerate() {
+            let source = match self
+                .protection
+                .catalog
+                .lookup(field.table_oid, field.attnum)
+            {
+                Lookup::Unprotected => continue,
+                Lookup::UnknownRelation => {
+                    if self.refreshed_for.contains(&field.table_oid) {
+                        return Plan::Deny(self.unknown_relation(field.table_oid));
+                    }
+                    return Plan::Unknown(field.table_oid);
+                }
+                Lookup::Protected(source) => source,
+            };
+            let column_name = String::from_utf8_lossy(&field.name);
+            let action = match source {
+                ColumnSource::Protected(column) => match policy.action(self.role, *column) {
+                    Action::Deny => {
+                        return Plan::Deny(denied(
+                            "42501",
+                            format!(
+                                "pgveil: permission denied for column {} (role {})",
+                                policy.column_label(*column),
+                                self.role_name()
+                            ),
+                            "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
+                        ))
+                    }
+                    other => other.clone(),
+                },
+                ColumnSource::Derived(sources) => {
+                    let strictest = sources
+                        .iter()
+                        .map(|&id| (id, policy.action(self.role, id)))
+                        .max_by_key(|(_, action)| action.strictness());
+                    match strictest {
+                        None | Some((_, Action::Allow)) => Action::Allow,
+                        Some((_, Action::Redact)) => Action::Redact,
+                        Some((id, Action::Deny)) => {
+                            return Plan::Deny(denied(
+                                "42501",
+                                format!(
+                                    "pgveil: permission denied for column \"{column_name}\", computed from {} (role {})",
+                                    policy.column_label(id),
+                                    self.role_name()
+                                ),
+                                "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
+                            ))
+                        }
+                        Some((id, Action::Mask(_))) => {
+                            // No mask is defined for a computed value: a mask of a
+                            // substring or a concatenation could reveal what the column's
+                            // own mask hides.
+                            return Plan::Deny(denied(
+                                "42501",
+                                format!(
+                                    "pgveil: column \"{column_name}\" is computed from {}, which role {} may only see masked",
+                                    policy.column_label(id),
+                                    self.role_name()
+                                ),
+                                "select the protected column itself, so its mask applies",
+                            ));
+                        }
+                    }
+                }
+            };
+            match action {
+                Action::Allow => {}
+                Action::Redact => treatments.push((index, Treatment::Redact)),
+                Action::Mask(mask) => {
+                    if field.format == BINARY_FORMAT && !is_text_like(field.type_oid) {
+                        return Plan::Deny(denied(
+                            "0A000",
+                            format!(
+                                "pgveil: cannot mask column \"{column_name}\" in binary format (type OID {}, role {})",
+                                field.type_oid,
+                                self.role_name()
+                            ),
+                            "request this column in text format",
+                        ));
+                    }
+                    treatments.push((index, Treatment::Mask(mask)));
+                }
+                Action::Deny => {}
+            }
+        }
+        if treatments.is_empty() {
+            return Plan::Pass;
+        }
+        Plan::Shape(Shaping {
+            width: columns.len(),
+            columns: treatments,
+            hash_key: self.protection.hash_key.clone(),
+        })
+    }
+}
+
+/// One DataRow with its protected fields transformed; other fields are copied as they
+/// are.
+fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Vec<u8>, GuardError> {
+    let ranges = decode_data_row(body)?;
+    if ranges.len() != shaping.width {
+        return Err(GuardError::Unexpected(format!(
+            "DataRow has {} columns, its RowDescription {}",
+            ranges.len(),
+            shaping.width
+        )));
+    }
+    let mut values: Vec<Option<Cow<[u8]>>> = ranges
+        .into_iter()
+        .map(|range| range.map(|range| Cow::Borrowed(&body[range])))
+        .collect();
+    for (index, treatment) in &shaping.columns {
+        let Some(slot) = values.get_mut(*index) else {
+            continue;
+        };
+        match treatment {
+            Treatment::Redact => *slot = None,
+            Treatment::Mask(mask) => {
+                if let Some(value) = slot.as_deref() {
+                    let masked = mask.apply_bytes(value, shaping.hash_key.as_deref());
+                    *slot = Some(Cow::Owned(masked));
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    encode_data_row(&mut out, values.iter().map(|value| value.as_deref()));
+    Ok(out)
+}
