@@ -288,7 +288,19 @@ impl CatalogSnapshot {
 
 /// Whether a policy `type:` names the type `format_type` printed.
 fn logical_type_matches(logical: &str, stored: &str) -> bool {
-    let base = stored.split('(').next().unwrap_or(stored).trim();
+    // `format_type` puts modifiers in parentheses: `character varying(20)`,
+    // `timestamp(3) without time zone`, `numeric(12,2)`.
+    let mut base = String::with_capacity(stored.len());
+    let mut depth = 0usize;
+    for c in stored.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => base.push(c),
+            _ => {}
+        }
+    }
+    let base = base.trim();
     let expected = match logical {
         "int2" => "smallint",
         "int4" => "integer",
@@ -387,4 +399,22 @@ fn source_ids(source: &ColumnSource) -> Vec<ColumnId> {
 fn derived(ids: impl IntoIterator<Item = ColumnId>) -> Option<ColumnSource> {
     let ids: BTreeSet<ColumnId> = ids.into_iter().collect();
     (!ids.is_empty()).then(|| ColumnSource::Derived(ids.into_iter().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logical_type_matches;
+
+    #[test]
+    fn logical_types_match_format_type_output() {
+        assert!(logical_type_matches("varchar", "character varying(20)"));
+        assert!(logical_type_matches(
+            "timestamp",
+            "timestamp(3) without time zone"
+        ));
+        assert!(logical_type_matches("numeric", "numeric(12,2)"));
+        assert!(logical_type_matches("int8", "bigint"));
+        assert!(!logical_type_matches("int4", "bigint"));
+        assert!(!logical_type_matches("text", "bytea"));
+    }
 }
