@@ -29,6 +29,9 @@
 # including errors and Ctrl-C. A failed run is reported on stderr and shown
 # as FAIL in the table; the other runs continue.
 #
+# The cluster, port, build and cleanup helpers live in benches/lib.sh (shared with
+# benches/protected_read.sh).
+#
 # Note: pgveil is started with its working directory set to the temp dir, so
 # a config/pgveil.yaml in the repo is NOT picked up; only the flags apply.
 
@@ -40,58 +43,12 @@ CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple prepared"}
 ROUNDS=${ROUNDS:-3}
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
-cd "$REPO_ROOT"
+# shellcheck source=benches/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh" # cds to the repo root
 
-# Keep the user's libpq environment from redirecting our connections.
-unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGOPTIONS PGPASSWORD PGPASSFILE
-
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-# ---------------------------------------------------------------- cleanup ---
-TMP=""
-PGDATA=""
 PGVEIL_PID=""
 PGBOUNCER_PID=""
-PG_STARTED=0
-
-kill_and_wait() { # pid name
-    local pid=$1 name=$2 i
-    [[ -n $pid ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "$name (pid $pid) did not stop on SIGTERM; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM HUP
-    kill_and_wait "$PGVEIL_PID" pgveil
-    kill_and_wait "$PGBOUNCER_PID" pgbouncer
-    if [[ $PG_STARTED == 1 && -n $PGDATA && -f $PGDATA/postmaster.pid ]]; then
-        local pm_pid
-        pm_pid=$(head -n1 "$PGDATA/postmaster.pid" 2>/dev/null)
-        as_pg "$PG_CTL" stop -D "$PGDATA" -m fast -w -t 30 >/dev/null 2>&1
-        # Fallback if pg_ctl could not stop it.
-        if [[ -n $pm_pid ]] && kill -0 "$pm_pid" 2>/dev/null; then
-            kill_and_wait "$pm_pid" postgres
-        fi
-    fi
-    [[ -n $TMP && -d $TMP ]] && rm -rf -- "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
+bench_install_traps
 
 # ------------------------------------------------------------- validation ---
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (got '$DURATION')"
@@ -108,35 +65,15 @@ done
 [[ -n ${MODES// /} ]] || die "MODES is empty"
 
 # ---------------------------------------------------------- root handling ---
-if [[ $(id -u) == 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user to own the cluster"
-    command -v runuser >/dev/null || die "running as root but 'runuser' is not available"
-    as_pg() { runuser -u postgres -- "$@"; }
+bench_setup_root
+if [[ $IS_ROOT == 1 ]]; then
     PGBOUNCER_USER_OPT=(-u postgres) # pgbouncer refuses to run as root without -u
 else
-    as_pg() { "$@"; }
     PGBOUNCER_USER_OPT=()
 fi
 
 # ----------------------------------------------------- PostgreSQL binaries ---
-PG_BIN=""
-if command -v pg_config >/dev/null 2>&1; then
-    cand=$(pg_config --bindir 2>/dev/null || true)
-    [[ -n $cand && -x $cand/initdb ]] && PG_BIN=$cand
-fi
-if [[ -z $PG_BIN ]]; then
-    cand=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
-    [[ -n $cand ]] && PG_BIN=$cand
-fi
-[[ -n $PG_BIN ]] || die "no PostgreSQL binaries found (tried pg_config --bindir and /usr/lib/postgresql/*/bin)"
-for b in initdb pg_ctl postgres pgbench psql; do
-    [[ -x $PG_BIN/$b ]] || die "$PG_BIN/$b not found or not executable"
-done
-INITDB=$PG_BIN/initdb
-PG_CTL=$PG_BIN/pg_ctl
-PGBENCH=$PG_BIN/pgbench
-PSQL=$PG_BIN/psql
-log "PostgreSQL binaries: $PG_BIN"
+bench_find_pg_bin
 
 # -------------------------------------------------------------- pgbouncer ---
 find_pgbouncer() {
@@ -157,45 +94,15 @@ command -v python3 >/dev/null || die "python3 is needed to pick free ports"
 command -v cargo >/dev/null || die "cargo not found"
 
 # ------------------------------------------------------------ build pgveil ---
-log "building pgveil (cargo build --release)"
-cargo build --release --quiet
-PGVEIL=$REPO_ROOT/target/release/pgveil
-[[ -x $PGVEIL ]] || die "$PGVEIL was not produced by the build"
+bench_build_pgveil
 
 # ------------------------------------------------------------------ ports ---
-# Bind all three at once so they are distinct.
-read -r PG_PORT BOUNCER_PORT VEIL_PORT < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(3):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-)
+read -r PG_PORT BOUNCER_PORT VEIL_PORT < <(bench_free_ports 3)
 [[ -n ${VEIL_PORT:-} ]] || die "could not pick free ports"
 
 # ---------------------------------------------------------------- cluster ---
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/pgveil-bench.XXXXXX")
-chmod 755 "$TMP"
-[[ $(id -u) == 0 ]] && chown postgres: "$TMP"
-PGDATA=$TMP/data
-
-log "initdb in $PGDATA"
-if ! as_pg "$INITDB" -D "$PGDATA" -A trust -U postgres -E UTF8 --locale=C >"$TMP/initdb.log" 2>&1; then
-    cat "$TMP/initdb.log" >&2
-    die "initdb failed"
-fi
-
-log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
-PG_STARTED=1
-if ! as_pg "$PG_CTL" start -D "$PGDATA" -w -t 60 -l "$TMP/postgres.log" \
-    -o "-c fsync=off -c listen_addresses=127.0.0.1 -c port=$PG_PORT -c max_connections=100 -k $TMP" \
-    >/dev/null 2>&1; then
-    cat "$TMP/postgres.log" >&2 || true
-    die "PostgreSQL did not start"
-fi
+bench_make_tmp
+bench_start_cluster "$PG_PORT" "-c max_connections=100"
 
 CONN=(-h 127.0.0.1 -U postgres)
 PG_VERSION=$("$PSQL" "${CONN[@]}" -p "$PG_PORT" -d postgres -XAtc 'SHOW server_version')
@@ -205,23 +112,6 @@ if ! "$PGBENCH" "${CONN[@]}" -p "$PG_PORT" -i -s "$SCALE" -q postgres >"$TMP/pgb
     cat "$TMP/pgbench-init.log" >&2
     die "pgbench -i failed"
 fi
-
-# Wait until a SELECT 1 goes through 127.0.0.1:$1 (process pid $2 must stay alive).
-wait_ready() { # port pid name logfile
-    local port=$1 pid=$2 name=$3 logfile=$4 i
-    for i in $(seq 1 100); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            cat "$logfile" >&2 || true
-            die "$name exited during startup (log above)"
-        fi
-        if "$PSQL" "${CONN[@]}" -p "$port" -d postgres -XAtqc 'SELECT 1' >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    cat "$logfile" >&2 || true
-    die "$name did not accept connections on port $port within 10s (log above)"
-}
 
 # -------------------------------------------------------------- pgbouncer ---
 max_clients=0
@@ -253,11 +143,12 @@ pidfile = $TMP/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 EOF
-[[ $(id -u) == 0 ]] && chown postgres: "$TMP/pgbouncer.ini" "$TMP/userlist.txt"
+if [[ $IS_ROOT == 1 ]]; then chown postgres: "$TMP/pgbouncer.ini" "$TMP/userlist.txt"; fi
 
 log "starting pgbouncer (session pooling) on 127.0.0.1:$BOUNCER_PORT"
 "$PGBOUNCER" "${PGBOUNCER_USER_OPT[@]}" "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.stderr" 2>&1 &
 PGBOUNCER_PID=$!
+bench_track_pid "$PGBOUNCER_PID" pgbouncer
 wait_ready "$BOUNCER_PORT" "$PGBOUNCER_PID" pgbouncer "$TMP/pgbouncer.stderr"
 PGBOUNCER_VERSION=$("$PGBOUNCER" --version 2>/dev/null | head -n1)
 
@@ -267,6 +158,7 @@ log "starting pgveil on 127.0.0.1:$VEIL_PORT"
     --listen "127.0.0.1:$VEIL_PORT" --upstream "127.0.0.1:$PG_PORT" \
     ${PGVEIL_WORKERS:+--workers "$PGVEIL_WORKERS"}) >"$TMP/pgveil.log" 2>&1 &
 PGVEIL_PID=$!
+bench_track_pid "$PGVEIL_PID" pgveil
 wait_ready "$VEIL_PORT" "$PGVEIL_PID" pgveil "$TMP/pgveil.log"
 
 # ------------------------------------------------------------- benchmarks ---
@@ -303,11 +195,6 @@ run_one() { # target mode clients
     fi
 }
 
-median() { # numbers... -> their median (FAIL when none)
-    if [[ $# -eq 0 ]]; then echo FAIL; return; fi
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 # Rounds interleave the targets, rotating which goes first, so drift in the machine's
 # load (other tenants, thermal) hits all three alike; the table shows medians.
 declare -A TPS_RUNS LAT_RUNS
@@ -335,14 +222,6 @@ for mode in $MODES; do
 done
 
 # ------------------------------------------------------------------ report ---
-ratio() { # a b -> a/b with 2 decimals, or n/a
-    if [[ $1 == FAIL || $2 == FAIL ]]; then echo n/a; return; fi
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b }'
-}
-fmt() { # number -> fixed decimals, FAIL stays
-    if [[ $2 == FAIL ]]; then echo FAIL; else awk -v x="$2" -v d="$1" 'BEGIN { printf "%.*f\n", d, x }'; fi
-}
-
 {
     echo
     echo "## pgbench -S (select-only): direct vs PgBouncer vs pgveil"
