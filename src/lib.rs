@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod policy;
 pub mod protect;

@@ -33,6 +33,19 @@ enum Command {
         after_help = "Examples:\n  pgveil run --config /etc/pgveil/pgveil.yaml\n  pgveil run --listen 127.0.0.1:6432 --upstream db.internal:5432\n\nSIGTERM or SIGINT: stop accepting, let open sessions finish for limits.shutdown_grace_seconds, then exit."
     )]
     Run(RunArgs),
+    /// Try pgveil with nothing set up: a throwaway PostgreSQL with a demo CRM, a demo
+    /// policy and pgveil in front; prints one psql line per role. Ctrl-C removes it all.
+    #[command(
+        after_help = "Example:\n  pgveil demo            # then paste one of the printed psql lines"
+    )]
+    Demo {
+        /// Port pgveil listens on (127.0.0.1).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Keep the demo folder (data directory, config, policy) after exit.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Check a policy file, or show what it gives one role.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -96,6 +109,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Demo { port, keep } => pgveil::demo::run(pgveil::demo::DemoOptions {
+            listen_port: port,
+            keep,
+        })
+        .map_err(anyhow::Error::from),
         Command::Policy(PolicyCommand::Check {
             file,
             config,
