@@ -195,6 +195,17 @@ wait_ready() { # port pid name logfile [user [db]]
 }
 
 # ---------------------------------------------------------------- numbers ---
+bench_exit_on_failures() { # uses FAILURES (names of failed runs) and TMP
+    if (( ${#FAILURES[@]} > 0 )); then
+        log "failed runs: ${FAILURES[*]}"
+        if [[ -s $TMP/pgveil.log ]]; then
+            log "pgveil log (last 40 lines):"
+            tail -n 40 "$TMP/pgveil.log" >&2
+        fi
+        exit 1
+    fi
+}
+
 median() { # numbers... -> their median (FAIL when none)
     if [[ $# -eq 0 ]]; then echo FAIL; return; fi
     printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'

@@ -254,11 +254,4 @@ done
     done
 }
 
-if (( ${#FAILURES[@]} > 0 )); then
-    log "failed runs: ${FAILURES[*]}"
-    if [[ -s $TMP/pgveil.log ]]; then
-        log "pgveil log (last 40 lines):"
-        tail -n 40 "$TMP/pgveil.log" >&2
-    fi
-    exit 1
-fi
+bench_exit_on_failures

@@ -378,14 +378,7 @@ fi
     done
 }
 
-if (( ${#FAILURES[@]} > 0 )); then
-    log "failed runs: ${FAILURES[*]}"
-    if [[ -s $TMP/pgveil.log ]]; then
-        log "pgveil log (last 40 lines):"
-        tail -n 40 "$TMP/pgveil.log" >&2
-    fi
-    exit 1
-fi
+bench_exit_on_failures
 if [[ $STRICT == 1 && $VERDICT != met ]]; then
     log "masked/plain = $MASKED_VS_PLAIN is below TARGET = $TARGET"
     exit 3
