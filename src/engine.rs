@@ -58,6 +58,15 @@ struct DatabaseSlot {
     loading: tokio::sync::Mutex<()>,
 }
 
+/// A session's view of its database's published protection.
+pub struct ProtectionHandle(Arc<DatabaseSlot>);
+
+impl ProtectionHandle {
+    pub fn current(&self) -> Option<Arc<Protection>> {
+        read(&self.0.current)
+    }
+}
+
 pub struct Engine {
     login: CatalogLogin,
     policy_path: PathBuf,
@@ -145,6 +154,12 @@ impl Engine {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         databases.entry(database.to_string()).or_default().clone()
+    }
+
+    /// Where the protection of `database` is published, for sessions to read at every
+    /// statement without looking the database up again.
+    pub fn handle(&self, database: &str) -> ProtectionHandle {
+        ProtectionHandle(self.slot(self.catalog_database(database)))
     }
 
     /// The protection currently published for `database`, without waiting.

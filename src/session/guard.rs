@@ -18,7 +18,7 @@ use tracing::{debug, info};
 
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
-use crate::engine::{Engine, Protection};
+use crate::engine::{Engine, Protection, ProtectionHandle};
 use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
@@ -101,6 +101,8 @@ enum Plan {
 pub struct ReadGuard {
     engine: Arc<Engine>,
     database: String,
+    /// Where newer policies and catalogs of the session's database appear.
+    published: ProtectionHandle,
     user: String,
     memberships: Arc<HashSet<String>>,
     protection: Arc<Protection>,
@@ -131,6 +133,7 @@ impl ReadGuard {
         let role = protection.policy.role_for(&user, &memberships);
         info!(%user, %database, role = protection.policy.role_name(role), "policy role resolved");
         ReadGuard {
+            published: engine.handle(&database),
             engine,
             database,
             user,
@@ -159,7 +162,7 @@ impl ReadGuard {
 
     /// Picks up a newer policy or catalog, at a statement boundary.
     fn sync_protection(&mut self) {
-        if let Some(current) = self.engine.current(&self.database) {
+        if let Some(current) = self.published.current() {
             if current.generation != self.protection.generation {
                 if !Arc::ptr_eq(&current.policy, &self.protection.policy) {
                     self.role = current.policy.role_for(&self.user, &self.memberships);
