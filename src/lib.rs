@@ -11,5 +11,6 @@ pub mod policy;
 pub mod protect;
 pub mod server;
 pub mod session;
+pub mod sqltext;
 pub mod tls;
 pub mod wire;

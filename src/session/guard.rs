@@ -22,8 +22,10 @@ use crate::engine::{Engine, Protection, ProtectionHandle};
 use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
+use crate::sqltext::runs_another_statement;
 use crate::wire::messages::{
-    command_tag, error_is_fatal, ErrorReport, MalformedMessage, Severity, TransactionStatus,
+    command_tag, error_is_fatal, execute_portal, ErrorReport, MalformedMessage, Severity,
+    TransactionStatus,
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, FieldDescription, BINARY_FORMAT,
@@ -45,6 +47,9 @@ pub enum Verdict {
     Drop,
     /// Wait for a fresher catalog, then show the same message again.
     AwaitCatalog(Refresh),
+    /// Client Execute only: send a Describe of this portal first, so the rows are
+    /// planned from the portal as it is when it runs.
+    DescribeFirst(Vec<u8>),
 }
 
 /// A catalog refresh a message waits for.
@@ -82,6 +87,10 @@ enum ResultState {
     Shape(Arc<Shaping>),
     /// Rows of a portal pgveil never saw described: refused if any arrives.
     Undescribed {
+        portal: String,
+    },
+    /// The portal was described as returning no rows: refused if any arrives.
+    NoRows {
         portal: String,
     },
     /// The statement is refused: drop its messages, then send this error in place of
@@ -184,11 +193,9 @@ impl ReadGuard {
             return Some(true);
         }
         match tag {
-            b'D' => Some(match self.result {
-                ResultState::Pass => false,
-                ResultState::Idle => !self.unrestricted(),
-                _ => true,
-            }),
+            // The first row of a result is always seen: the policy in force may have
+            // changed since the last statement, and only `begin_execute_result` looks.
+            b'D' => Some(!matches!(self.result, ResultState::Pass)),
             _ => None,
         }
     }
@@ -203,15 +210,26 @@ impl ReadGuard {
     }
 
     /// Checks a client message before it is forwarded: after DDL, the next request
-    /// waits for a catalog that includes it.
-    pub fn on_client_message(&mut self, tag: u8) -> Verdict {
+    /// waits for a catalog that includes it; for a restricted role, every Execute is
+    /// preceded by pgveil's own Describe of its portal.
+    pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
         if self.refresh_due && matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
-            return Verdict::AwaitCatalog(Refresh {
+            return Ok(Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: None,
-            });
+            }));
         }
-        Verdict::Forward
+        if tag == b'E' {
+            self.sync_protection();
+            if !self.unrestricted() {
+                // A statement's description, or a portal's from before other
+                // statements ran, may not match the rows: search_path, views and
+                // cursors can change in between. The portal's own description, taken
+                // right before it runs, is what its rows follow.
+                return Ok(Verdict::DescribeFirst(execute_portal(body)?.to_vec()));
+            }
+        }
+        Ok(Verdict::Forward)
     }
 
     /// Decides what happens to a server message. Called before `state` records it.
@@ -236,6 +254,8 @@ impl ReadGuard {
         }
         match tag {
             b'T' => self.on_row_description(state, body),
+            // pgveil's own Describe: the client did not ask for it.
+            b'n' if answers_internal_describe(state) => Ok(Verdict::Drop),
             b'D' => {
                 self.begin_execute_result(state)?;
                 self.on_data_row(body)
@@ -327,7 +347,7 @@ impl ReadGuard {
         if !matches!(self.result, ResultState::Idle) {
             return Ok(());
         }
-        let Some(Expected::ExecuteResult { portal }) = state.next_expected() else {
+        let Some(Expected::ExecuteResult { portal, sent_after }) = state.next_expected() else {
             return Ok(());
         };
         self.sync_protection();
@@ -335,13 +355,36 @@ impl ReadGuard {
             self.result = ResultState::Pass;
             return Ok(());
         }
-        let columns = state.portal(portal).and_then(|p| p.result_columns());
-        self.result = match columns {
-            None => ResultState::Undescribed {
-                portal: String::from_utf8_lossy(portal).into_owned(),
-            },
-            Some(None) => ResultState::Pass,
-            Some(Some(columns)) => match self.plan(&columns) {
+        let name = || String::from_utf8_lossy(portal).into_owned();
+        let Some(found) = state.portal(portal) else {
+            self.result = ResultState::Undescribed { portal: name() };
+            return Ok(());
+        };
+        let runs_another = found
+            .statement
+            .as_ref()
+            .is_some_and(|statement| runs_another_statement(&statement.query));
+        if runs_another && !found.executed && *sent_after != found.bound_after {
+            // SQL FETCH and EXECUTE find their cursor or statement only when they run;
+            // whatever ran since Bind may have replaced it, so the description taken
+            // at Bind says nothing about the rows.
+            self.result = ResultState::Denied(denied(
+                "42501",
+                format!(
+                    "pgveil: portal \"{}\" runs a FETCH or EXECUTE whose cursor or prepared statement may have changed since its Bind (role {})",
+                    name(),
+                    self.role_name()
+                ),
+                "send Bind and Execute of a FETCH or EXECUTE statement with no other statement in between",
+            ));
+            return Ok(());
+        }
+        // Only a description of the portal itself is trusted: the statement's was taken
+        // when it was prepared, and what it reads may have changed since.
+        self.result = match &found.described {
+            None => ResultState::Undescribed { portal: name() },
+            Some(None) => ResultState::NoRows { portal: name() },
+            Some(Some(columns)) => match self.plan(columns) {
                 Plan::Pass => ResultState::Pass,
                 Plan::Shape(shaping) => ResultState::Shape(Arc::new(shaping)),
                 Plan::Deny(report) => ResultState::Denied(report),
@@ -360,6 +403,9 @@ impl ReadGuard {
     ) -> Result<Verdict, GuardError> {
         self.sync_protection();
         let answers_describe = match state.next_expected() {
+            Some(Expected::PortalDescription { internal: true, .. }) => {
+                return self.on_internal_description(body);
+            }
             Some(Expected::StatementDescription { .. } | Expected::PortalDescription { .. }) => {
                 true
             }
@@ -401,6 +447,23 @@ impl ReadGuard {
         Ok(verdict)
     }
 
+    /// The answer to pgveil's own Describe before an Execute: never shown to the client.
+    /// Rows are planned when they come; a relation the catalog does not know yet is
+    /// looked up now, while nothing waits on it.
+    fn on_internal_description(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
+        if self.unrestricted() {
+            return Ok(Verdict::Drop);
+        }
+        let columns = decode_row_description(body)?;
+        Ok(match self.plan(&columns) {
+            Plan::Unknown(oid) => Verdict::AwaitCatalog(Refresh {
+                newer_than: self.protection.generation,
+                unknown_relation: Some(oid),
+            }),
+            _ => Verdict::Drop,
+        })
+    }
+
     fn on_data_row(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
         match &self.result {
             ResultState::Pass => Ok(Verdict::Forward),
@@ -417,6 +480,18 @@ impl ReadGuard {
                         self.role_name()
                     ),
                     "send Describe for the statement or portal before Execute, as most drivers do",
+                );
+                self.result = ResultState::Denied(report);
+                Ok(Verdict::Drop)
+            }
+            ResultState::NoRows { portal } => {
+                let report = denied(
+                    "42501",
+                    format!(
+                        "pgveil: rows arrived for portal \"{portal}\", which was described as returning none (role {})",
+                        self.role_name()
+                    ),
+                    "a cursor or prepared statement the portal runs was replaced; run the statement again",
                 );
                 self.result = ResultState::Denied(report);
                 Ok(Verdict::Drop)
@@ -536,6 +611,14 @@ impl ReadGuard {
             hash_key: self.protection.hash_key.clone(),
         })
     }
+}
+
+/// Whether the next answer is to a Describe pgveil sent on its own.
+fn answers_internal_describe(state: &SessionState) -> bool {
+    matches!(
+        state.next_expected(),
+        Some(Expected::PortalDescription { internal: true, .. })
+    )
 }
 
 /// One DataRow with its protected fields transformed; other fields are copied as they

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::guard::{GuardError, ReadGuard, Refresh, Verdict};
 use super::state::{Disposition, SessionState, StateError};
-use crate::wire::frame::{max_frontend_message_length, FrameError, FrameHeader, HEADER_LEN};
+use crate::wire::frame::{
+    encode_frame, max_frontend_message_length, FrameError, FrameHeader, HEADER_LEN,
+};
 use crate::wire::messages::error_is_fatal;
 
 /// Initial read buffer per direction; it grows only to hold one inspected message.
@@ -217,7 +219,9 @@ impl Pump {
         let mut pos = 0;
         let mut copied = 0;
         let result = self.scan_from(shared, &mut pos, &mut copied);
-        let edited = copied > 0;
+        // A Describe inserted ahead of the first message leaves `copied` at 0 but
+        // `edited` non-empty.
+        let edited = copied > 0 || !self.edited.is_empty();
         if edited {
             self.edited.extend_from_slice(&self.buf[copied..pos]);
         }
@@ -276,10 +280,13 @@ impl Pump {
             let verdict = match self.direction {
                 Direction::ClientToServer => {
                     let verdict = match shared.guard.as_mut() {
-                        Some(guard) => guard.on_client_message(header.tag),
+                        Some(guard) => guard.on_client_message(header.tag, body)?,
                         None => Verdict::Forward,
                     };
-                    if verdict == Verdict::Forward {
+                    if let Verdict::DescribeFirst(portal) = &verdict {
+                        shared.state.on_internal_portal_describe(portal);
+                    }
+                    if matches!(verdict, Verdict::Forward | Verdict::DescribeFirst(_)) {
                         shared.state.on_client_message(header.tag, body)?;
                     }
                     verdict
@@ -313,6 +320,16 @@ impl Pump {
                     self.edited.extend_from_slice(&self.buf[*copied..start]);
                     *copied = start + total;
                 }
+                Verdict::DescribeFirst(portal) => {
+                    self.edited.extend_from_slice(&self.buf[*copied..start]);
+                    let mut describe = Vec::with_capacity(portal.len() + 2);
+                    describe.push(b'P');
+                    describe.extend_from_slice(&portal);
+                    describe.push(0);
+                    encode_frame(&mut self.edited, b'D', &describe);
+                    // The Execute itself follows, copied from the buffer.
+                    *copied = start;
+                }
             }
             *pos += total;
             if self.direction == Direction::ClientToServer && header.tag == b'X' {
@@ -345,7 +362,6 @@ struct Scanned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::frame::encode_frame;
 
     async fn pump_bytes(
         direction: Direction,

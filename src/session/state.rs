@@ -47,6 +47,11 @@ pub struct Portal {
     /// The result columns with their real formats, once the server answered a Describe
     /// of the portal.
     pub described: Option<ResultColumns>,
+    /// How many executing requests (Query, Execute, FunctionCall) the client had sent
+    /// before this portal's Bind.
+    pub bound_after: u64,
+    /// An Execute of the portal has completed (or suspended) at least once.
+    pub executed: bool,
 }
 
 impl Portal {
@@ -81,13 +86,16 @@ pub enum Expected {
         portal: Bytes,
         statement: Bytes,
         result_formats: Vec<i16>,
+        bound_after: u64,
     },
     /// Describe of a statement → ParameterDescription, then RowDescription or NoData.
     StatementDescription { statement: Bytes },
-    /// Describe of a portal → RowDescription or NoData.
-    PortalDescription { portal: Bytes },
+    /// Describe of a portal → RowDescription or NoData. `internal` when pgveil sent it
+    /// itself, ahead of an Execute: its answer is for pgveil, not the client.
+    PortalDescription { portal: Bytes, internal: bool },
     /// Execute → rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
-    ExecuteResult { portal: Bytes },
+    /// `sent_after` counts the executing requests the client sent before this one.
+    ExecuteResult { portal: Bytes, sent_after: u64 },
     /// Close → CloseComplete.
     CloseComplete { target: Target, name: Bytes },
     /// Sync → ReadyForQuery.
@@ -147,6 +155,8 @@ pub struct SessionState {
     /// The server is in COPY FROM STDIN and the client has not ended it yet. Meanwhile
     /// the server ignores Sync and Flush and takes anything but copy data as an error.
     copy_in_open: bool,
+    /// Executing requests (Query, Execute, FunctionCall) the client has sent.
+    executions_sent: u64,
 }
 
 impl SessionState {
@@ -232,7 +242,10 @@ impl SessionState {
             };
         }
         match tag {
-            b'Q' => self.push_expected(Expected::SimpleQuery),
+            b'Q' => {
+                self.executions_sent += 1;
+                self.push_expected(Expected::SimpleQuery);
+            }
             b'P' => {
                 let parse = Parse::decode(body)?;
                 self.push_expected(Expected::ParseComplete(Arc::new(PreparedStatement {
@@ -249,6 +262,7 @@ impl SessionState {
                     portal: Bytes::copy_from_slice(names.portal),
                     statement: Bytes::copy_from_slice(names.statement),
                     result_formats,
+                    bound_after: self.executions_sent,
                 });
             }
             b'D' => {
@@ -256,12 +270,17 @@ impl SessionState {
                 let name = Bytes::copy_from_slice(target.name);
                 self.push_expected(match target.target {
                     Target::Statement => Expected::StatementDescription { statement: name },
-                    Target::Portal => Expected::PortalDescription { portal: name },
+                    Target::Portal => Expected::PortalDescription {
+                        portal: name,
+                        internal: false,
+                    },
                 });
             }
             b'E' => {
                 let portal = Bytes::copy_from_slice(execute_portal(body)?);
-                self.push_expected(Expected::ExecuteResult { portal });
+                let sent_after = self.executions_sent;
+                self.executions_sent += 1;
+                self.push_expected(Expected::ExecuteResult { portal, sent_after });
             }
             b'C' => {
                 let target = TargetName::decode("Close", body)?;
@@ -271,13 +290,25 @@ impl SessionState {
                 });
             }
             b'S' => self.push_expected(Expected::SyncReady),
-            b'F' => self.push_expected(Expected::FunctionCallResult),
+            b'F' => {
+                self.executions_sent += 1;
+                self.push_expected(Expected::FunctionCallResult);
+            }
             // Sent before the server announced the COPY (or after it failed): remember
             // where the copy data ends, so Syncs before it can be told from those after.
             b'c' | b'f' => self.push_expected(Expected::CopyInEnded),
             _ => {}
         }
         Ok(())
+    }
+
+    /// Records a Describe of `portal` that pgveil sends on its own, just before the
+    /// client's next message. Its answer is recorded like any portal description.
+    pub fn on_internal_portal_describe(&mut self, portal: &[u8]) {
+        self.push_expected(Expected::PortalDescription {
+            portal: Bytes::copy_from_slice(portal),
+            internal: true,
+        });
     }
 
     /// The front of the queue, without markers that no response answers.
@@ -324,6 +355,7 @@ impl SessionState {
                     portal,
                     statement,
                     result_formats,
+                    bound_after,
                 } = self.pop_matching(tag, |e| matches!(e, Expected::BindComplete { .. }))?
                 {
                     let statement = self.statements.get(&statement).cloned();
@@ -334,6 +366,8 @@ impl SessionState {
                             statement,
                             result_formats,
                             described: None,
+                            bound_after,
+                            executed: false,
                         },
                     );
                 }
@@ -386,7 +420,13 @@ impl SessionState {
                 }
                 match self.front() {
                     Some(Expected::ExecuteResult { .. }) => {
-                        self.pending.pop_front();
+                        if let Some(Expected::ExecuteResult { portal, .. }) =
+                            self.pending.pop_front()
+                        {
+                            if let Some(portal) = self.portals.get_mut(&portal) {
+                                portal.executed = true;
+                            }
+                        }
                     }
                     Some(Expected::SimpleQuery) => {}
                     _ => return Err(self.desync(tag)),
@@ -453,7 +493,8 @@ impl SessionState {
                     let _ = prepared.columns.set(columns);
                 }
             }
-            Expected::PortalDescription { portal } => {
+            Expected::PortalDescription { portal, .. } => {
+                let bound_after = self.executions_sent;
                 self.portals
                     .entry(portal.clone())
                     .or_insert_with(|| Portal {
@@ -461,6 +502,8 @@ impl SessionState {
                         statement: None,
                         result_formats: Vec::new(),
                         described: None,
+                        bound_after,
+                        executed: false,
                     })
                     .described = Some(columns);
             }
@@ -499,13 +542,15 @@ impl SessionState {
         Ok(())
     }
 
-    /// SQL `PREPARE`/`DEALLOCATE` and `DECLARE`/`CLOSE` share the names of protocol
-    /// statements and portals. pgveil does not parse which name they touched, so it
-    /// forgets them all: an unknown name is safer than a wrong one.
+    /// SQL `PREPARE`/`DEALLOCATE` share the names of protocol statements. pgveil does
+    /// not parse which name they touched, so it forgets them all: an unknown name is
+    /// safer than a wrong one. Portals are kept across SQL `DECLARE`/`CLOSE`: what a
+    /// portal returns is only ever taken from a Describe of it sent right before it
+    /// runs, and what pgveil keeps (the statement it was bound from) is needed to check
+    /// a FETCH whose cursor was replaced.
     fn forget_names_changed_by_sql(&mut self, tag: &[u8]) {
         match tag {
             b"PREPARE" | b"DEALLOCATE" | b"DEALLOCATE ALL" => self.statements.clear(),
-            b"DECLARE CURSOR" | b"CLOSE CURSOR" | b"CLOSE CURSOR ALL" => self.portals.clear(),
             b"DISCARD ALL" => {
                 self.statements.clear();
                 self.portals.clear();
@@ -767,7 +812,8 @@ mod tests {
         assert_eq!(
             state.pending().iter().collect::<Vec<_>>(),
             vec![&Expected::ExecuteResult {
-                portal: Bytes::new()
+                portal: Bytes::new(),
+                sent_after: 0,
             }]
         );
         state.on_client_message(b'd', b"1\n").unwrap();

@@ -1,0 +1,314 @@
+//! The read path when what a statement reads changes under it: prepared statements
+//! re-planned after a search_path change or a view swap, cursors and prepared
+//! statements replaced between Bind and Execute, and server errors whose details carry
+//! values. Every case runs against a real PostgreSQL through pgveil.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use std::time::Duration;
+
+use support::{
+    cluster, cstr, eventually, frame, free_port, sqlstate, Message, Proxy, ProxyOptions, RawClient,
+};
+
+const ID_CARD: &str = "110105199001011234";
+const PHONE: &str = "13812345678";
+
+const SCHEMA: &str = "
+CREATE ROLE pgveil_catalog LOGIN;
+CREATE ROLE clerk LOGIN;
+CREATE ROLE auditor LOGIN;
+CREATE TABLE customers (id int PRIMARY KEY, phone text, id_card text UNIQUE);
+INSERT INTO customers VALUES (1, '13812345678', '110105199001011234');
+CREATE SCHEMA decoy;
+CREATE TABLE decoy.customers (id int PRIMARY KEY, phone text, id_card text);
+INSERT INTO decoy.customers VALUES (1, 'harmless', 'harmless');
+CREATE TABLE orders (id int PRIMARY KEY, note text);
+INSERT INTO orders VALUES (1, 'an order');
+GRANT ALL ON ALL TABLES IN SCHEMA public, decoy TO PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA public, decoy TO PUBLIC;
+";
+
+const POLICY: &str = "
+version: 1
+roles:
+  auditor: { members: [auditor] }
+tables:
+  public.customers:
+    columns:
+      phone:   { level: L3, mask: cn_mobile, access: { auditor: allow } }
+      id_card: { level: L4, mask: cn_id_card, access: { auditor: allow } }
+";
+
+static SCHEMA_READY: OnceLock<()> = OnceLock::new();
+
+fn proxy() -> Proxy {
+    proxy_with_policy_file().0
+}
+
+/// pgveil with [`POLICY`] in a fresh file, and that file.
+fn proxy_with_policy_file() -> (Proxy, PathBuf) {
+    SCHEMA_READY.get_or_init(|| {
+        cluster().psql_ok("postgres", SCHEMA);
+    });
+    let dir: PathBuf = cluster().dir.join(format!("changes-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, POLICY).expect("write policy");
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_yaml: format!(
+            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
+            path.display()
+        ),
+        ..ProxyOptions::default()
+    });
+    (proxy, path)
+}
+
+/// No message carries either protected plaintext.
+fn assert_no_plaintext(messages: &[Message]) {
+    for message in messages {
+        let text = String::from_utf8_lossy(&message.body);
+        assert!(
+            !text.contains(ID_CARD) && !text.contains(PHONE),
+            "plaintext in {:?}: {text}",
+            char::from(message.tag)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_statement_replanned_after_search_path_changes_is_checked_again() {
+    let proxy = proxy();
+    let clerk = proxy.connect("clerk").await;
+    clerk
+        .batch_execute("SET search_path = decoy")
+        .await
+        .unwrap();
+    let statement = clerk
+        .prepare("SELECT id_card FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    let rows = clerk.query(&statement, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "harmless");
+
+    // The same prepared statement now reads public.customers: the server re-plans it,
+    // and its rows must be treated as public.customers rows.
+    clerk
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
+    let error = clerk.query(&statement, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{error:?}");
+
+    let phone = clerk
+        .prepare("SELECT phone FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        clerk
+            .query_one(&phone, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "138****5678"
+    );
+    clerk
+        .batch_execute("SET search_path = decoy")
+        .await
+        .unwrap();
+    assert_eq!(
+        clerk
+            .query_one(&phone, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "harmless"
+    );
+}
+
+#[tokio::test]
+async fn a_view_swapped_under_a_prepared_statement_is_checked_again() {
+    let proxy = proxy();
+    let clerk = proxy.connect("clerk").await;
+    clerk
+        .batch_execute("CREATE VIEW swap_contacts AS SELECT id, phone FROM decoy.customers")
+        .await
+        .unwrap();
+    let statement = clerk
+        .prepare("SELECT phone FROM swap_contacts WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        clerk
+            .query_one(&statement, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "harmless"
+    );
+    clerk
+        .batch_execute(
+            "ALTER VIEW swap_contacts RENAME TO swap_old;
+             CREATE VIEW swap_contacts AS SELECT id, phone FROM public.customers",
+        )
+        .await
+        .unwrap();
+    let row = clerk.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "138****5678");
+    clerk
+        .batch_execute("DROP VIEW swap_contacts; DROP VIEW swap_old")
+        .await
+        .unwrap();
+}
+
+/// Parse and Bind of `sql` into portal `portal` (text results), unnamed statement.
+fn parse_bind(statement: &str, portal: &str, sql: &str) -> Vec<u8> {
+    let mut bytes = frame(b'P', &[cstr(statement), cstr(sql), vec![0, 0]].concat());
+    bytes.extend(frame(
+        b'B',
+        &[cstr(portal), cstr(statement), vec![0, 0, 0, 0, 0, 0]].concat(),
+    ));
+    bytes
+}
+
+fn execute(portal: &str) -> Vec<u8> {
+    frame(b'E', &[cstr(portal), vec![0, 0, 0, 0]].concat())
+}
+
+#[tokio::test]
+async fn a_cursor_replaced_between_bind_and_execute_of_its_fetch_is_refused() {
+    let proxy = proxy();
+    let mut raw = RawClient::login(proxy.port, "clerk", "fetch-swap");
+    raw.send(&frame(
+        b'Q',
+        &cstr("BEGIN; DECLARE c CURSOR FOR SELECT note FROM orders"),
+    ));
+    raw.read_until(b'Z');
+
+    // The FETCH portal is bound (and described) while c reads one column of orders; c
+    // is replaced by a cursor over the ID cards before the FETCH runs. The server's
+    // description of the FETCH portal still has one column (orders.note): the ID card
+    // would be a column pgveil was never told about.
+    let mut pipeline = parse_bind("fetch", "f", "FETCH ALL FROM c");
+    pipeline.extend(frame(b'D', &[vec![b'P'], cstr("f")].concat()));
+    pipeline.extend(parse_bind("", "", "CLOSE c"));
+    pipeline.extend(execute(""));
+    pipeline.extend(parse_bind(
+        "",
+        "",
+        "DECLARE c CURSOR FOR SELECT o.note, c.id_card FROM orders o, customers c",
+    ));
+    pipeline.extend(execute(""));
+    pipeline.extend(execute("f"));
+    pipeline.extend(frame(b'S', &[]));
+    raw.send(&pipeline);
+    let messages = raw.read_until(b'Z');
+    assert_no_plaintext(&messages);
+    let error = messages
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no error: {messages:?}"));
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"));
+    assert!(
+        error.field(b'M').unwrap_or_default().contains("FETCH"),
+        "{} {:?}",
+        support::tags(&messages),
+        error.field(b'M')
+    );
+
+    // Bound and run back to back, the same FETCH is planned from the new cursor: masked.
+    raw.send(&frame(
+        b'Q',
+        &cstr("CLOSE c; DECLARE c CURSOR FOR SELECT phone FROM customers"),
+    ));
+    raw.read_until(b'Z');
+    let mut pipeline = parse_bind("", "g", "FETCH ALL FROM c");
+    pipeline.extend(execute("g"));
+    pipeline.extend(frame(b'S', &[]));
+    raw.send(&pipeline);
+    let messages = raw.read_until(b'Z');
+    assert_no_plaintext(&messages);
+    assert_eq!(support::tags(&messages), "12DCZ", "{messages:?}");
+    let row = &messages[2].body;
+    assert!(
+        String::from_utf8_lossy(row).contains("138****5678"),
+        "{row:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_sql_prepared_statement_replaced_before_its_execute_runs_is_refused() {
+    let proxy = proxy();
+    let mut raw = RawClient::login(proxy.port, "clerk", "execute-swap");
+    raw.send(&frame(b'Q', &cstr("PREPARE q AS SELECT note FROM orders")));
+    raw.read_until(b'Z');
+    let mut pipeline = parse_bind("", "x", "EXECUTE q");
+    pipeline.extend(frame(b'D', &[vec![b'P'], cstr("x")].concat()));
+    pipeline.extend(parse_bind("", "", "DEALLOCATE q"));
+    pipeline.extend(execute(""));
+    pipeline.extend(parse_bind(
+        "",
+        "",
+        "PREPARE q AS SELECT o.note, c.id_card FROM orders o, customers c",
+    ));
+    pipeline.extend(execute(""));
+    pipeline.extend(execute("x"));
+    pipeline.extend(frame(b'S', &[]));
+    raw.send(&pipeline);
+    let messages = raw.read_until(b'Z');
+    assert_no_plaintext(&messages);
+    let error = messages
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no error: {messages:?}"));
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"));
+
+    // The auditor may see everything: the same pipeline is not refused.
+    let mut raw = RawClient::login(proxy.port, "auditor", "execute-swap");
+    raw.send(&frame(b'Q', &cstr("PREPARE q AS SELECT note FROM orders")));
+    raw.read_until(b'Z');
+    raw.send(&pipeline);
+    let messages = raw.read_until(b'Z');
+    assert_eq!(support::tags(&messages), "12T12C12CDCZ", "{messages:?}");
+}
+
+#[tokio::test]
+async fn the_first_execute_after_a_policy_reload_follows_the_new_policy() {
+    let (proxy, path) = proxy_with_policy_file();
+    let auditor = proxy.connect("auditor").await;
+    let statement = auditor
+        .prepare("SELECT phone FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    let row = auditor.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), PHONE);
+
+    // The auditor loses its plaintext access. Another session shows when the new
+    // policy is in force; the auditor's session has sent nothing since.
+    std::fs::write(
+        &path,
+        POLICY.replace(
+            "auditor: { members: [auditor] }",
+            "auditor: { members: [nobody] }",
+        ),
+    )
+    .unwrap();
+    let watcher = proxy.connect("auditor").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            watcher
+                .query_one("SELECT phone FROM customers WHERE id = 1", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, String>(0) == "138****5678")
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    let row = auditor.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "138****5678");
+}
