@@ -121,6 +121,12 @@ pub struct Limits {
     /// Time allowed to open the TCP connection to the upstream server.
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+    /// Largest server message pgveil will hold whole to apply the policy (a DataRow it
+    /// must mask, an error it must scrub). A larger one ends the session: streaming it
+    /// unseen could pass protected plaintext, buffering it without bound could exhaust
+    /// memory.
+    #[serde(default = "default_max_inspected_message_bytes")]
+    pub max_inspected_message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -130,6 +136,7 @@ impl Default for Limits {
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             startup_timeout_seconds: default_startup_timeout_seconds(),
             connect_timeout_seconds: default_connect_timeout_seconds(),
+            max_inspected_message_bytes: default_max_inspected_message_bytes(),
         }
     }
 }
@@ -214,6 +221,10 @@ fn default_startup_timeout_seconds() -> u64 {
 }
 fn default_connect_timeout_seconds() -> u64 {
     10
+}
+
+fn default_max_inspected_message_bytes() -> usize {
+    64 << 20
 }
 
 impl Config {

@@ -46,11 +46,12 @@ tables:
 static SCHEMA_READY: OnceLock<()> = OnceLock::new();
 
 fn proxy() -> Proxy {
-    proxy_with_policy_file().0
+    proxy_with_policy_file("").0
 }
 
-/// pgveil with [`POLICY`] in a fresh file, and that file.
-fn proxy_with_policy_file() -> (Proxy, PathBuf) {
+/// pgveil with [`POLICY`] in a fresh file and `extra_yaml` in its config, and the
+/// policy file.
+fn proxy_with_policy_file(extra_yaml: &str) -> (Proxy, PathBuf) {
     SCHEMA_READY.get_or_init(|| {
         cluster().psql_ok("postgres", SCHEMA);
     });
@@ -60,7 +61,7 @@ fn proxy_with_policy_file() -> (Proxy, PathBuf) {
     std::fs::write(&path, POLICY).expect("write policy");
     let proxy = Proxy::start_with(ProxyOptions {
         extra_yaml: format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
+            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n{extra_yaml}",
             path.display()
         ),
         ..ProxyOptions::default()
@@ -278,7 +279,7 @@ async fn a_sql_prepared_statement_replaced_before_its_execute_runs_is_refused() 
 
 #[tokio::test]
 async fn the_first_execute_after_a_policy_reload_follows_the_new_policy() {
-    let (proxy, path) = proxy_with_policy_file();
+    let (proxy, path) = proxy_with_policy_file("");
     let auditor = proxy.connect("auditor").await;
     let statement = auditor
         .prepare("SELECT phone FROM customers WHERE id = 1")
@@ -311,4 +312,80 @@ async fn the_first_execute_after_a_policy_reload_follows_the_new_policy() {
     );
     let row = auditor.query_one(&statement, &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "138****5678");
+}
+
+#[tokio::test]
+async fn server_errors_and_notices_do_not_quote_values_to_restricted_roles() {
+    let proxy = proxy();
+    let duplicate = format!("INSERT INTO customers VALUES (2, NULL, '{ID_CARD}')");
+    let clerk = proxy.connect("clerk").await;
+    let error = clerk.simple_query(&duplicate).await.unwrap_err();
+    let report = error.as_db_error().expect("a server error");
+    assert_eq!(report.code().code(), "23505");
+    assert!(report.message().contains("duplicate key"), "{report:?}");
+    assert_eq!(report.detail(), None, "{report:?}");
+
+    // A cast that fails quotes the value in the message itself.
+    let error = clerk
+        .simple_query("SELECT id_card::int FROM customers")
+        .await
+        .unwrap_err();
+    let report = error.as_db_error().expect("a server error");
+    // 22003: value "110105199001011234" is out of range for type integer.
+    assert!(report.code().code().starts_with("22"), "{report:?}");
+    assert!(!format!("{report:?}").contains("110105"), "{report:?}");
+
+    // Notices are scrubbed the same way; the session goes on.
+    let mut raw = RawClient::login(proxy.port, "clerk", "notices");
+    raw.send(&frame(
+        b'Q',
+        &cstr(
+            "DO $$ BEGIN RAISE NOTICE 'looked' USING DETAIL = \
+             (SELECT id_card FROM customers WHERE id = 1); END $$",
+        ),
+    ));
+    let messages = raw.read_until(b'Z');
+    assert!(messages.iter().any(|m| m.tag == b'N'), "{messages:?}");
+    assert_no_plaintext(&messages);
+
+    // The auditor may see every value: the server's report is passed whole.
+    let auditor = proxy.connect("auditor").await;
+    let error = auditor.simple_query(&duplicate).await.unwrap_err();
+    let report = error.as_db_error().expect("a server error");
+    assert!(
+        report
+            .detail()
+            .is_some_and(|detail| detail.contains(ID_CARD)),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_row_too_large_to_inspect_ends_only_its_session() {
+    let (proxy, _) = proxy_with_policy_file("limits:\n  max_inspected_message_bytes: 1048576\n");
+    let big_row = "SELECT phone, repeat('x', 2000000) FROM customers WHERE id = 1";
+    let clerk = proxy.connect("clerk").await;
+    let error = clerk.simple_query(big_row).await.unwrap_err();
+    let report = error.as_db_error().expect("pgveil's error");
+    assert_eq!(report.code().code(), "54000", "{report:?}");
+    assert!(
+        report.message().contains("max_inspected_message_bytes"),
+        "{report:?}"
+    );
+    assert!(clerk.is_closed() || clerk.simple_query("SELECT 1").await.is_err());
+
+    // Rows that pass unchanged are never held whole, and other sessions go on.
+    let auditor = proxy.connect("auditor").await;
+    let rows = auditor.simple_query(big_row).await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some(PHONE))
+    );
+    let clerk = proxy.connect("clerk").await;
+    let rows = clerk
+        .simple_query("SELECT phone FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("138****5678"))
+    );
 }

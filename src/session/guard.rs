@@ -23,9 +23,10 @@ use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
 use crate::sqltext::runs_another_statement;
+use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
-    command_tag, error_is_fatal, execute_portal, ErrorReport, MalformedMessage, Severity,
-    TransactionStatus,
+    command_tag, error_is_fatal, execute_portal, scrub_report, ErrorReport, MalformedMessage,
+    Severity, TransactionStatus,
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, FieldDescription, BINARY_FORMAT,
@@ -182,6 +183,13 @@ impl ReadGuard {
         }
     }
 
+    /// A newer policy or catalog was published since this session last synced.
+    fn policy_changed(&self) -> bool {
+        self.published
+            .current()
+            .is_some_and(|current| current.generation != self.protection.generation)
+    }
+
     fn unrestricted(&self) -> bool {
         self.protection.policy.is_unrestricted(self.role)
     }
@@ -195,7 +203,13 @@ impl ReadGuard {
         match tag {
             // The first row of a result is always seen: the policy in force may have
             // changed since the last statement, and only `begin_execute_result` looks.
-            b'D' => Some(!matches!(self.result, ResultState::Pass)),
+            b'D' => Some(match self.result {
+                ResultState::Pass => false,
+                ResultState::Idle => !self.unrestricted() || self.policy_changed(),
+                _ => true,
+            }),
+            // Notices can quote values too (see `scrub_report`).
+            b'N' => Some(!self.unrestricted() || self.policy_changed()),
             _ => None,
         }
     }
@@ -234,6 +248,25 @@ impl ReadGuard {
 
     /// Decides what happens to a server message. Called before `state` records it.
     pub fn on_server_message(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Verdict, GuardError> {
+        let verdict = self.decide(state, tag, body)?;
+        if verdict == Verdict::Forward && matches!(tag, b'E' | b'N') && !self.unrestricted() {
+            // "Key (id_card)=(…) already exists", "invalid input syntax for type
+            // integer: "…"": errors quote the values they tripped on.
+            if let Some(scrubbed) = scrub_report(body)? {
+                let mut frame = Vec::with_capacity(scrubbed.len() + 5);
+                encode_frame(&mut frame, tag, &scrubbed);
+                return Ok(Verdict::Replace(frame));
+            }
+        }
+        Ok(verdict)
+    }
+
+    fn decide(
         &mut self,
         state: &SessionState,
         tag: u8,

@@ -318,7 +318,16 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     }
                 }
             };
-            match relay(client, upstream, guard, ctx.closing.subscribe()).await {
+            let inspect_limit = ctx.config.limits.max_inspected_message_bytes;
+            match relay(
+                client,
+                upstream,
+                guard,
+                inspect_limit,
+                ctx.closing.subscribe(),
+            )
+            .await
+            {
                 None => debug!(%peer, %user, "session ended"),
                 Some(error) => info!(%peer, %user, %error, "session ended with an error"),
             }
@@ -402,13 +411,15 @@ async fn relay(
     client: Framed,
     upstream: Framed,
     guard: Option<ReadGuard>,
+    inspect_limit: usize,
     mut closing: watch::Receiver<bool>,
 ) -> Option<SessionError> {
     let state = Mutex::new(Shared::new(guard));
     let (mut client_read, mut client_write) = client.conn.split();
     let (mut upstream_read, mut upstream_write) = upstream.conn.split();
     let mut to_server = Pump::new(Direction::ClientToServer, client.buf);
-    let mut to_client = Pump::new(Direction::ServerToClient, upstream.buf);
+    let mut to_client =
+        Pump::new(Direction::ServerToClient, upstream.buf).with_inspect_limit(inspect_limit);
 
     enum Ended {
         Client(Result<PumpEnd, PumpError>),
@@ -467,6 +478,10 @@ fn upstream_failure(error: PumpError) -> SessionError {
     match error {
         PumpError::State(StateError::Desync { .. }) => SessionError::Desync(error.to_string()),
         PumpError::Read(error) | PumpError::Write(error) => SessionError::UpstreamIo(error),
+        PumpError::TooLargeToInspect { .. } => SessionError::Refused(
+            ErrorReport::new(Severity::Fatal, "54000", format!("pgveil: {error}; closing the session"))
+                .with_hint("select fewer or smaller values per row, or raise limits.max_inspected_message_bytes in the pgveil config"),
+        ),
         other => SessionError::UpstreamProtocol(other.to_string()),
     }
 }

@@ -62,6 +62,14 @@ pub enum PumpError {
     Truncated,
     #[error(transparent)]
     Guard(#[from] GuardError),
+    #[error(
+        "a {kind:?} message of {length} bytes exceeds limits.max_inspected_message_bytes ({limit})"
+    )]
+    TooLargeToInspect {
+        kind: char,
+        length: usize,
+        limit: usize,
+    },
 }
 
 /// What both pumps of a session share.
@@ -105,6 +113,8 @@ pub struct Pump {
     last_was_fatal_error: bool,
     /// Output being assembled when messages were replaced or dropped.
     edited: Vec<u8>,
+    /// Largest server message held whole for inspection.
+    inspect_limit: usize,
 }
 
 impl Pump {
@@ -119,7 +129,15 @@ impl Pump {
             writing: false,
             last_was_fatal_error: false,
             edited: Vec::new(),
+            inspect_limit: usize::MAX,
         }
+    }
+
+    /// Bounds the server messages this pump holds whole (client messages have their
+    /// own per-type limits).
+    pub fn with_inspect_limit(mut self, limit: usize) -> Self {
+        self.inspect_limit = limit;
+        self
     }
 
     /// Whether the receiving peer is between messages, so pgveil may send one of its own.
@@ -271,6 +289,13 @@ impl Pump {
                 *pos += HEADER_LEN;
                 self.streaming = header.body_len;
                 continue;
+            }
+            if self.direction == Direction::ServerToClient && header.body_len > self.inspect_limit {
+                return Err(PumpError::TooLargeToInspect {
+                    kind: char::from(header.tag),
+                    length: header.body_len,
+                    limit: self.inspect_limit,
+                });
             }
             let total = header.frame_len();
             if len - *pos < total {

@@ -151,6 +151,60 @@ pub fn error_is_fatal(body: &[u8]) -> bool {
     matches!(error_severity(body), Some(b"FATAL") | Some(b"PANIC"))
 }
 
+/// Fields of a server error or notice that can quote stored values: DETAIL ("Key
+/// (id_card)=(…) already exists", "Failing row contains (…)"), CONTEXT, and the internal
+/// query with its position.
+const VALUE_BEARING_FIELDS: &[u8] = b"DWqp";
+
+/// An ErrorResponse or NoticeResponse body for a client that may not see every stored
+/// value: without the fields that quote values, and, for SQLSTATE class 22 (data
+/// exceptions such as `invalid input syntax for type integer: "…"`), with the message
+/// replaced. `None` when nothing needed to change.
+pub fn scrub_report(body: &[u8]) -> Result<Option<Vec<u8>>, MalformedMessage> {
+    let malformed_field = || malformed("ErrorResponse", "field");
+    let mut fields: Vec<(u8, &[u8])> = Vec::new();
+    let mut rest = body;
+    while let Some((&code, after_code)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let (value, after_value) = split_cstr(after_code).ok_or_else(malformed_field)?;
+        fields.push((code, value));
+        rest = after_value;
+    }
+    let sqlstate = fields
+        .iter()
+        .find(|(code, _)| *code == b'C')
+        .map(|(_, value)| *value)
+        .unwrap_or_default();
+    let data_exception = sqlstate.starts_with(b"22");
+    let changes = fields
+        .iter()
+        .any(|(code, _)| VALUE_BEARING_FIELDS.contains(code) || (data_exception && *code == b'M'));
+    if !changes {
+        return Ok(None);
+    }
+    let replacement = format!(
+        "pgveil: the server rejected a value (SQLSTATE {}); its message is withheld because it can quote stored values",
+        String::from_utf8_lossy(sqlstate)
+    );
+    let mut out = Vec::with_capacity(body.len());
+    for (code, value) in fields {
+        if VALUE_BEARING_FIELDS.contains(&code) {
+            continue;
+        }
+        out.push(code);
+        if data_exception && code == b'M' {
+            out.extend_from_slice(replacement.as_bytes());
+        } else {
+            out.extend_from_slice(value);
+        }
+        out.push(0);
+    }
+    out.push(0);
+    Ok(Some(out))
+}
+
 /// Severity of an error pgveil sends itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
@@ -385,5 +439,71 @@ mod tests {
             TransactionStatus::InTransaction
         );
         assert!(TransactionStatus::decode_ready_for_query(b"").is_err());
+    }
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::*;
+
+    fn body(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (code, value) in fields {
+            out.push(*code);
+            out.extend_from_slice(value.as_bytes());
+            out.push(0);
+        }
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn drops_detail_and_context_but_keeps_the_rest() {
+        let original = body(&[
+            (b'S', "ERROR"),
+            (b'C', "23505"),
+            (
+                b'M',
+                "duplicate key value violates unique constraint \"c_key\"",
+            ),
+            (b'D', "Key (id_card)=(110105199001011234) already exists."),
+            (b'W', "SQL statement \"insert ...\""),
+            (b'n', "c_key"),
+        ]);
+        let scrubbed = scrub_report(&original).unwrap().unwrap();
+        assert_eq!(
+            scrubbed,
+            body(&[
+                (b'S', "ERROR"),
+                (b'C', "23505"),
+                (
+                    b'M',
+                    "duplicate key value violates unique constraint \"c_key\""
+                ),
+                (b'n', "c_key"),
+            ])
+        );
+    }
+
+    #[test]
+    fn replaces_the_message_of_a_data_exception() {
+        let original = body(&[
+            (b'C', "22P02"),
+            (
+                b'M',
+                "invalid input syntax for type integer: \"110105199001011234\"",
+            ),
+        ]);
+        let scrubbed = scrub_report(&original).unwrap().unwrap();
+        let text = String::from_utf8_lossy(&scrubbed);
+        assert!(!text.contains("110105"), "{text}");
+        assert!(text.contains("SQLSTATE 22P02"), "{text}");
+    }
+
+    #[test]
+    fn leaves_harmless_reports_alone_and_refuses_broken_ones() {
+        let harmless = body(&[(b'C', "42P01"), (b'M', "relation \"x\" does not exist")]);
+        assert_eq!(scrub_report(&harmless), Ok(None));
+        assert!(scrub_report(b"Cunterminated").is_err());
     }
 }
