@@ -46,6 +46,9 @@ pub struct Protection {
     pub hash_key: Option<Arc<HashKey>>,
     /// Increases with every snapshot published, across databases.
     pub generation: u64,
+    /// The database's schema-change count when this catalog was read (see
+    /// [`ProtectionHandle::schema_changed`]).
+    pub changes_seen: u64,
 }
 
 /// A login's role memberships and when they were read.
@@ -56,7 +59,17 @@ struct DatabaseSlot {
     current: RwLock<Option<Arc<Protection>>>,
     /// One load at a time per database; others wait and reuse its result.
     loading: tokio::sync::Mutex<()>,
+    /// Counts the moments the schema may have changed (DDL committed through pgveil).
+    /// A catalog read before the latest one is stale.
+    changes: AtomicU64,
+    /// When the last catalog read failed, so that a broken catalog login is not retried
+    /// by every statement of every session.
+    failed_at: Mutex<Option<Instant>>,
 }
+
+/// How long after a failed catalog read pgveil answers from that failure instead of
+/// trying again.
+const RETRY_FAILED_LOAD_AFTER: Duration = Duration::from_secs(2);
 
 /// A session's view of its database's published protection.
 pub struct ProtectionHandle(Arc<DatabaseSlot>);
@@ -64,6 +77,17 @@ pub struct ProtectionHandle(Arc<DatabaseSlot>);
 impl ProtectionHandle {
     pub fn current(&self) -> Option<Arc<Protection>> {
         read(&self.0.current)
+    }
+
+    /// The schema may have changed (DDL was committed): every session of the database
+    /// waits for a catalog read after this moment before its next statement.
+    pub fn schema_changed(&self) {
+        self.0.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether `protection`'s catalog was read before the latest schema change.
+    pub fn is_stale(&self, protection: &Protection) -> bool {
+        protection.changes_seen < self.0.changes.load(Ordering::Acquire)
     }
 }
 
@@ -191,22 +215,44 @@ impl Engine {
         let database = self.catalog_database(database).to_string();
         let slot = self.slot(&database);
         let _loading = slot.loading.lock().await;
+        let handle = ProtectionHandle(slot.clone());
         if let Some(current) = read(&slot.current) {
-            if current.generation > newer_than {
+            if current.generation > newer_than && !handle.is_stale(&current) {
                 return Ok(current);
             }
         }
+        let recent_failure = slot
+            .failed_at
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .is_some_and(|at| at.elapsed() < RETRY_FAILED_LOAD_AFTER);
+        if recent_failure {
+            return Err(EngineError::Unusable(format!(
+                "the catalog of database {database} could not be read a moment ago; retrying shortly"
+            )));
+        }
         let policy = self.policy();
-        let protection = self.build(&database, policy).await?;
+        let built = self.build(&database, &slot, policy).await;
+        *slot
+            .failed_at
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = built.is_err().then(Instant::now);
+        let protection = built?;
         write(&slot.current, Some(protection.clone()));
         Ok(protection)
     }
 
+    /// Reads `database`'s catalog for `policy`. Callers hold the slot's `loading` lock,
+    /// so what is published last was also read last.
     async fn build(
         &self,
         database: &str,
+        slot: &DatabaseSlot,
         policy: Arc<Policy>,
     ) -> Result<Arc<Protection>, EngineError> {
+        // Read before the catalog: a change counted after this point makes the result
+        // stale, even if the read below already saw it.
+        let changes_seen = slot.changes.load(Ordering::Acquire);
         let client = self.login.connect(database).await?;
         let catalog = CatalogSnapshot::load(&client, database, &policy).await?;
         if !catalog.missing.is_empty() {
@@ -231,6 +277,7 @@ impl Engine {
             catalog: Arc::new(catalog),
             hash_key: self.hash_key.clone(),
             generation,
+            changes_seen,
         }))
     }
 
@@ -276,14 +323,17 @@ impl Engine {
                 .map(|(name, slot)| (name.clone(), slot.clone()))
                 .collect()
         };
+        // Each database's loading lock is held from its read to the publication of
+        // all of them, so no refresh can publish a fresher catalog in between that
+        // this reload would then overwrite.
         let mut built = Vec::new();
         for (database, slot) in &slots {
-            let protection = self.build(database, policy.clone()).await?;
-            built.push((slot.clone(), protection));
+            let loading = slot.loading.lock().await;
+            let protection = self.build(database, slot, policy.clone()).await?;
+            built.push((slot, protection, loading));
         }
         write(&self.policy, policy);
-        for (slot, protection) in built {
-            let _loading = slot.loading.lock().await;
+        for (slot, protection, _loading) in built {
             write(&slot.current, Some(protection));
         }
         info!(policy = %self.policy_path.display(), "policy reloaded");

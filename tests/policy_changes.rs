@@ -19,8 +19,11 @@ const PHONE: &str = "13812345678";
 
 const SCHEMA: &str = "
 CREATE ROLE pgveil_catalog LOGIN;
+CREATE ROLE pgveil_catalog_flaky LOGIN;
 CREATE ROLE clerk LOGIN;
 CREATE ROLE auditor LOGIN;
+CREATE ROLE view_owners;
+GRANT view_owners TO clerk, auditor;
 CREATE TABLE customers (id int PRIMARY KEY, phone text, id_card text UNIQUE);
 INSERT INTO customers VALUES (1, '13812345678', '110105199001011234');
 CREATE SCHEMA decoy;
@@ -52,6 +55,10 @@ fn proxy() -> Proxy {
 /// pgveil with [`POLICY`] in a fresh file and `extra_yaml` in its config, and the
 /// policy file.
 fn proxy_with_policy_file(extra_yaml: &str) -> (Proxy, PathBuf) {
+    proxy_as("pgveil_catalog", extra_yaml)
+}
+
+fn proxy_as(catalog_user: &str, extra_yaml: &str) -> (Proxy, PathBuf) {
     SCHEMA_READY.get_or_init(|| {
         cluster().psql_ok("postgres", SCHEMA);
     });
@@ -61,7 +68,7 @@ fn proxy_with_policy_file(extra_yaml: &str) -> (Proxy, PathBuf) {
     std::fs::write(&path, POLICY).expect("write policy");
     let proxy = Proxy::start_with(ProxyOptions {
         extra_yaml: format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n{extra_yaml}",
+            "catalog:\n  user: {catalog_user}\n  database: postgres\npolicy: {}\n{extra_yaml}",
             path.display()
         ),
         ..ProxyOptions::default()
@@ -387,5 +394,126 @@ async fn a_row_too_large_to_inspect_ends_only_its_session() {
         .unwrap();
     assert!(
         matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("138****5678"))
+    );
+}
+
+/// The one value of a one-row simple query, or the SQLSTATE of its error.
+async fn value(client: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let messages = client.simple_query(sql).await.map_err(|e| sqlstate(&e))?;
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .ok_or_else(|| format!("no row from {sql}"))
+}
+
+#[tokio::test]
+async fn a_view_redefined_in_the_open_transaction_is_refused_until_commit() {
+    let proxy = proxy();
+    let clerk = proxy.connect("clerk").await;
+    clerk
+        .batch_execute("CREATE VIEW tx_view AS SELECT id, phone FROM decoy.customers")
+        .await
+        .unwrap();
+    let read = "SELECT phone FROM tx_view WHERE id = 1";
+    assert_eq!(value(&clerk, read).await, Ok("harmless".into()));
+
+    clerk.batch_execute("BEGIN").await.unwrap();
+    clerk
+        .batch_execute("CREATE OR REPLACE VIEW tx_view AS SELECT id, phone FROM public.customers")
+        .await
+        .unwrap();
+    assert_eq!(value(&clerk, read).await, Err("42501".into()));
+    clerk.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
+
+    // The same within one multi-statement query.
+    let swap_back =
+        format!("CREATE OR REPLACE VIEW tx_view AS SELECT id, phone FROM decoy.customers; {read}");
+    assert_eq!(value(&clerk, &swap_back).await, Err("42501".into()));
+    assert_eq!(value(&clerk, read).await, Ok("harmless".into()));
+    clerk.batch_execute("DROP VIEW tx_view").await.unwrap();
+}
+
+#[tokio::test]
+async fn ddl_committed_by_another_session_or_a_do_block_is_seen_at_the_next_statement() {
+    let proxy = proxy();
+    let clerk = proxy.connect("clerk").await;
+    let auditor = proxy.connect("auditor").await;
+    auditor
+        .batch_execute(
+            "CREATE VIEW shared_view AS SELECT id, phone FROM decoy.customers;
+             ALTER VIEW shared_view OWNER TO view_owners",
+        )
+        .await
+        .unwrap();
+    let read = "SELECT phone FROM shared_view WHERE id = 1";
+    assert_eq!(value(&clerk, read).await, Ok("harmless".into()));
+
+    // Another session through pgveil swaps the view's definition (same OID).
+    auditor
+        .batch_execute(
+            "CREATE OR REPLACE VIEW shared_view AS SELECT id, phone FROM public.customers",
+        )
+        .await
+        .unwrap();
+    assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
+
+    // DDL inside a DO block has no DDL command tag.
+    auditor
+        .batch_execute(
+            "CREATE OR REPLACE VIEW shared_view AS SELECT id, phone FROM decoy.customers",
+        )
+        .await
+        .unwrap();
+    assert_eq!(value(&clerk, read).await, Ok("harmless".into()));
+    clerk
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE 'CREATE OR REPLACE VIEW shared_view AS \
+             SELECT id, phone FROM public.customers'; END $$",
+        )
+        .await
+        .unwrap();
+    assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
+    auditor
+        .batch_execute("DROP VIEW shared_view")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn restricted_roles_are_refused_while_the_catalog_cannot_be_read_again() {
+    let (proxy, _) = proxy_as("pgveil_catalog_flaky", "");
+    let clerk = proxy.connect("clerk").await;
+    let auditor = proxy.connect("auditor").await;
+    let read = "SELECT phone FROM orders, customers WHERE customers.id = 1";
+    assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
+
+    // The catalog login stops working, then the schema changes.
+    cluster().psql_ok("postgres", "ALTER ROLE pgveil_catalog_flaky NOLOGIN");
+    auditor
+        .batch_execute("CREATE TABLE flaky_marker (id int); DROP TABLE flaky_marker")
+        .await
+        .unwrap();
+    let refused = value(&clerk, read).await;
+    let orders_only = value(&clerk, "SELECT note FROM orders").await;
+    let unrestricted = value(&auditor, read).await;
+    let constant = value(&clerk, "SELECT 'constant'").await;
+    cluster().psql_ok("postgres", "ALTER ROLE pgveil_catalog_flaky LOGIN");
+    assert_eq!(refused, Err("42501".into()));
+    assert_eq!(orders_only, Err("42501".into()));
+    assert_eq!(unrestricted, Ok(PHONE.into()));
+    assert_eq!(constant, Ok("constant".into()));
+
+    // Once the catalog can be read, so can the rows.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            value(&clerk, read).await == Ok("138****5678".into())
+        })
+        .await,
+        "{}",
+        proxy.log()
     );
 }

@@ -39,6 +39,9 @@ pub struct CatalogSnapshot {
     columns: HashMap<(u32, i16), ColumnSource>,
     /// Every table-like relation that existed when the snapshot was taken.
     known_relations: HashSet<u32>,
+    /// The views and materialized views among them: what they return can be redefined
+    /// under the same OID.
+    views: HashSet<u32>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
@@ -65,6 +68,11 @@ impl CatalogSnapshot {
             None if self.known_relations.contains(&table_oid) => Lookup::Unprotected,
             None => Lookup::UnknownRelation,
         }
+    }
+
+    /// Whether `oid` was a view or materialized view when the snapshot was taken.
+    pub fn is_view(&self, oid: u32) -> bool {
+        self.views.contains(&oid)
     }
 
     /// Number of result columns (base and view) that carry protected data.
@@ -156,12 +164,19 @@ impl CatalogSnapshot {
 
         let relations = client
             .query(
-                "SELECT oid FROM pg_catalog.pg_class WHERE relkind IN ('r', 'v', 'm', 'p', 'f')",
+                "SELECT oid, relkind IN ('v', 'm') FROM pg_catalog.pg_class \
+                  WHERE relkind IN ('r', 'v', 'm', 'p', 'f')",
                 &[],
             )
             .await
             .map_err(query_failed("relations"))?;
-        snapshot.known_relations = relations.iter().map(|row| row.get::<_, u32>(0)).collect();
+        for row in &relations {
+            let oid: u32 = row.get(0);
+            snapshot.known_relations.insert(oid);
+            if row.get::<_, bool>(1) {
+                snapshot.views.insert(oid);
+            }
+        }
 
         let protected_oids: Vec<u32> = protected_of.keys().copied().collect();
         if protected_oids.is_empty() {

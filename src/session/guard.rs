@@ -123,9 +123,20 @@ pub struct ReadGuard {
     draining: bool,
     /// Relations still unknown after a catalog refresh in this transaction.
     refreshed_for: HashSet<u32>,
-    /// DDL passed through; refresh the catalog before the next request.
+    /// DDL passed through in the current transaction: when it commits, every session
+    /// of the database reads the catalog again before its next statement.
     ddl_seen: bool,
-    refresh_due: bool,
+    /// Something that may have redefined a view ran in the current transaction
+    /// (DDL, or a DO block or procedure that may hold some). The catalog cannot see
+    /// uncommitted changes, so view columns are refused until the transaction ends.
+    views_in_doubt: bool,
+    /// A rule was created in the current transaction: a table may have become a view.
+    relations_in_doubt: bool,
+    /// The last catalog read after a schema change failed: restricted roles get no
+    /// rows from relations until one succeeds.
+    catalog_out_of_date: bool,
+    /// A catalog refresh just ended; the message that waited for it goes on either way.
+    just_refreshed: bool,
 }
 
 fn denied(sqlstate: &'static str, message: String, hint: &str) -> Box<ErrorReport> {
@@ -154,7 +165,10 @@ impl ReadGuard {
             draining: false,
             refreshed_for: HashSet::new(),
             ddl_seen: false,
-            refresh_due: false,
+            views_in_doubt: false,
+            relations_in_doubt: false,
+            catalog_out_of_date: false,
+            just_refreshed: false,
         }
     }
 
@@ -219,29 +233,36 @@ impl ReadGuard {
         if let Some(oid) = refresh.unknown_relation {
             self.refreshed_for.insert(oid);
         }
-        self.refresh_due = false;
         self.sync_protection();
+        self.just_refreshed = true;
     }
 
-    /// Checks a client message before it is forwarded: after DDL, the next request
-    /// waits for a catalog that includes it; for a restricted role, every Execute is
-    /// preceded by pgveil's own Describe of its portal.
+    /// Checks a client message before it is forwarded: after a schema change, a
+    /// restricted role's next request waits for a catalog that includes it; for a
+    /// restricted role, every Execute is preceded by pgveil's own Describe of its
+    /// portal.
     pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
-        if self.refresh_due && matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
-            return Ok(Verdict::AwaitCatalog(Refresh {
-                newer_than: self.protection.generation,
-                unknown_relation: None,
-            }));
-        }
-        if tag == b'E' {
+        if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
             self.sync_protection();
-            if !self.unrestricted() {
-                // A statement's description, or a portal's from before other
-                // statements ran, may not match the rows: search_path, views and
-                // cursors can change in between. The portal's own description, taken
-                // right before it runs, is what its rows follow.
-                return Ok(Verdict::DescribeFirst(execute_portal(body)?.to_vec()));
+            let just_refreshed = std::mem::take(&mut self.just_refreshed);
+            self.catalog_out_of_date = false;
+            if self.published.is_stale(&self.protection) && !self.unrestricted() {
+                if !just_refreshed {
+                    return Ok(Verdict::AwaitCatalog(Refresh {
+                        newer_than: self.protection.generation,
+                        unknown_relation: None,
+                    }));
+                }
+                // The refresh this message waited for failed.
+                self.catalog_out_of_date = true;
             }
+        }
+        if tag == b'E' && !self.unrestricted() {
+            // A statement's description, or a portal's from before other statements
+            // ran, may not match the rows: search_path, views and cursors can change in
+            // between. The portal's own description, taken right before it runs, is
+            // what its rows follow.
+            return Ok(Verdict::DescribeFirst(execute_portal(body)?.to_vec()));
         }
         Ok(Verdict::Forward)
     }
@@ -348,9 +369,11 @@ impl ReadGuard {
         if idle {
             // Relations created in the transaction are committed now (or gone).
             self.refreshed_for.clear();
+            self.views_in_doubt = false;
+            self.relations_in_doubt = false;
             if self.ddl_seen {
                 self.ddl_seen = false;
-                self.refresh_due = true;
+                self.published.schema_changed();
             }
         }
     }
@@ -365,6 +388,21 @@ impl ReadGuard {
         ];
         if ddl.iter().any(|prefix| tag.starts_with(prefix)) {
             self.ddl_seen = true;
+            self.views_in_doubt = true;
+            self.relations_in_doubt |= tag.starts_with(b"CREATE RULE");
+        }
+        if tag == b"DO" {
+            // A DO block may run any DDL; it is rare enough in application traffic to
+            // re-read the catalog after each.
+            self.ddl_seen = true;
+            self.views_in_doubt = true;
+            self.relations_in_doubt = true;
+        }
+        if tag == b"CALL" {
+            // So may a procedure, but applications call them all the time: doubt only
+            // for the rest of the transaction (DDL committed inside one is seen by the
+            // periodic catalog refresh).
+            self.views_in_doubt = true;
         }
         if tag.starts_with(b"GRANT")
             || tag.starts_with(b"REVOKE")
@@ -533,6 +571,36 @@ impl ReadGuard {
         }
     }
 
+    /// A refusal when what the catalog says about the column's relation may be out of
+    /// date: after a failed re-read, or after DDL in the open transaction.
+    fn in_doubt(&self, field: &FieldDescription) -> Option<Box<ErrorReport>> {
+        let column = String::from_utf8_lossy(&field.name);
+        if self.catalog_out_of_date {
+            return Some(denied(
+                "42501",
+                format!(
+                    "pgveil: the catalog could not be read again after a schema change, so column \"{column}\" (relation OID {}) cannot be checked (role {})",
+                    field.table_oid,
+                    self.role_name()
+                ),
+                "try again in a moment; if it persists, check pgveil's log and its catalog login",
+            ));
+        }
+        let view = self.protection.catalog.is_view(field.table_oid);
+        if self.relations_in_doubt || (self.views_in_doubt && view) {
+            return Some(denied(
+                "42501",
+                format!(
+                    "pgveil: column \"{column}\" comes from relation OID {}, which a schema change earlier in this transaction may have redefined (role {})",
+                    field.table_oid,
+                    self.role_name()
+                ),
+                "commit the schema change, then run the query in a new transaction",
+            ));
+        }
+        None
+    }
+
     fn unknown_relation(&self, oid: u32) -> Box<ErrorReport> {
         denied(
             "42501",
@@ -549,6 +617,11 @@ impl ReadGuard {
         let policy = &self.protection.policy;
         let mut treatments = Vec::new();
         for (index, field) in columns.iter().enumerate() {
+            if field.table_oid != 0 {
+                if let Some(report) = self.in_doubt(field) {
+                    return Plan::Deny(report);
+                }
+            }
             let source = match self
                 .protection
                 .catalog
