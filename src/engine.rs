@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::catalog::connect::CatalogLogin;
 use crate::catalog::snapshot::CatalogSnapshot;
@@ -65,7 +65,16 @@ struct DatabaseSlot {
     /// When the last catalog read failed, so that a broken catalog login is not retried
     /// by every statement of every session.
     failed_at: Mutex<Option<Instant>>,
+    /// A task listens for [`SCHEMA_CHANGE_CHANNEL`] notifications of this database.
+    watched: std::sync::atomic::AtomicBool,
 }
+
+/// The channel pgveil's event trigger (`sql/pgveil-ddl-notify.sql`) notifies after DDL
+/// anywhere in a database: around pgveil, in functions, in DO blocks.
+pub const SCHEMA_CHANGE_CHANNEL: &str = "pgveil_ddl";
+
+/// How long a lost schema-change listener waits before it connects again.
+const RELISTEN_AFTER: Duration = Duration::from_secs(5);
 
 /// How long after a failed catalog read pgveil answers from that failure instead of
 /// trying again.
@@ -304,6 +313,69 @@ impl Engine {
             if let Err(error) = self.refresh(&database, newest).await {
                 warn!(%database, %error, "catalog refresh failed; keeping the previous catalog");
             }
+        }
+    }
+
+    /// Starts a schema-change listener for every database with a catalog that has none
+    /// yet. Called periodically from the runtime that should run the listeners.
+    pub fn watch_schema_changes(self: &Arc<Self>) {
+        let slots: Vec<(String, Arc<DatabaseSlot>)> = {
+            let databases = self
+                .databases
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            databases
+                .iter()
+                .map(|(name, slot)| (name.clone(), slot.clone()))
+                .collect()
+        };
+        for (database, slot) in slots {
+            if read(&slot.current).is_none() || slot.watched.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let engine = self.clone();
+            tokio::spawn(async move { engine.listen_for_schema_changes(database, slot).await });
+        }
+    }
+
+    /// Counts a schema change for every notification from pgveil's event trigger.
+    /// Without the trigger installed nothing arrives, and DDL made around pgveil is
+    /// noticed by the periodic refresh instead.
+    async fn listen_for_schema_changes(&self, database: String, slot: Arc<DatabaseSlot>) {
+        let handle = ProtectionHandle(slot);
+        loop {
+            match self.login.listen(&database, SCHEMA_CHANGE_CHANNEL).await {
+                Ok((client, mut notifications)) => {
+                    let trigger = client
+                        .query_opt(
+                            "SELECT 1 FROM pg_catalog.pg_event_trigger \
+                              WHERE evtname = 'pgveil_ddl_notify' AND evtenabled <> 'D'",
+                            &[],
+                        )
+                        .await;
+                    match trigger {
+                        Ok(Some(_)) => {
+                            info!(%database, "listening for schema changes from the pgveil_ddl_notify event trigger")
+                        }
+                        _ => info!(
+                            %database,
+                            "no pgveil_ddl_notify event trigger: DDL made around pgveil is noticed by the periodic catalog refresh (install sql/pgveil-ddl-notify.sql to notice it at once)"
+                        ),
+                    }
+                    // Changes made while nobody listened are not known: count one.
+                    handle.schema_changed();
+                    while notifications.recv().await.is_some() {
+                        debug!(%database, "schema change notified");
+                        handle.schema_changed();
+                    }
+                    warn!(%database, "schema-change listener lost its connection; reconnecting");
+                    drop(client);
+                }
+                Err(error) => {
+                    warn!(%database, %error, "cannot listen for schema changes; retrying")
+                }
+            }
+            tokio::time::sleep(RELISTEN_AFTER).await;
         }
     }
 

@@ -335,6 +335,7 @@ async fn maintain_policy(engine: Arc<Engine>) {
                 true
             }
             _ = poll.tick() => {
+                engine.watch_schema_changes();
                 let stamp = file_stamp(&path);
                 let changed = stamp != seen;
                 seen = stamp;

@@ -517,3 +517,48 @@ async fn restricted_roles_are_refused_while_the_catalog_cannot_be_read_again() {
         proxy.log()
     );
 }
+
+#[tokio::test]
+async fn ddl_made_around_pgveil_is_seen_once_the_event_trigger_notifies() {
+    let trigger_sql = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgveil-ddl-notify.sql"),
+    )
+    .expect("sql/pgveil-ddl-notify.sql");
+    cluster().psql_ok("postgres", &trigger_sql);
+    let proxy = proxy();
+    cluster().psql_ok(
+        "postgres",
+        "CREATE VIEW around_view AS SELECT id, phone FROM decoy.customers;
+         GRANT SELECT ON around_view TO PUBLIC",
+    );
+    let clerk = proxy.connect("clerk").await;
+    let read = "SELECT phone FROM around_view WHERE id = 1";
+    assert_eq!(value(&clerk, read).await, Ok("harmless".into()));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy
+                .log()
+                .contains("listening for schema changes from the pgveil_ddl_notify event trigger")
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    let notified_before = proxy.log().matches("schema change notified").count();
+
+    // A direct connection, not through pgveil, swaps the view's definition.
+    cluster().psql_ok(
+        "postgres",
+        "CREATE OR REPLACE VIEW around_view AS SELECT id, phone FROM public.customers",
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.log().matches("schema change notified").count() > notified_before
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
+    cluster().psql_ok("postgres", "DROP VIEW around_view");
+}

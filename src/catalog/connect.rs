@@ -14,7 +14,9 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio_postgres::AsyncMessage;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -93,6 +95,34 @@ impl CatalogLogin {
     /// Opens a connection to `database`; the connection task runs on the current
     /// runtime and ends when the returned client is dropped.
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, CatalogError> {
+        self.open(database, None).await
+    }
+
+    /// A connection that listens on `channel`: the receiver gets one message per
+    /// notification and ends when the connection does. Keep the client alive as long
+    /// as the notifications are wanted.
+    pub async fn listen(
+        &self,
+        database: &str,
+        channel: &str,
+    ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), CatalogError> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let client = self.open(database, Some(sender)).await?;
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\"")))
+            .await
+            .map_err(|error| CatalogError::Query {
+                what: "LISTEN",
+                reason: error.to_string(),
+            })?;
+        Ok((client, receiver))
+    }
+
+    async fn open(
+        &self,
+        database: &str,
+        notifications: Option<mpsc::UnboundedSender<()>>,
+    ) -> Result<tokio_postgres::Client, CatalogError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.host)
@@ -120,11 +150,7 @@ impl CatalogLogin {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(%error, "catalog connection ended");
-                    }
-                });
+                tokio::spawn(drive(connection, notifications));
                 client
             }
             Some((client_config, server_name)) => {
@@ -133,15 +159,38 @@ impl CatalogLogin {
                     server_name: server_name.clone(),
                 };
                 let (client, connection) = config.connect(tls).await.map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(%error, "catalog connection ended");
-                    }
-                });
+                tokio::spawn(drive(connection, notifications));
                 client
             }
         };
         Ok(client)
+    }
+}
+
+/// Runs a catalog connection until it ends, passing on notifications when asked to.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notifications: Option<mpsc::UnboundedSender<()>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(_))) => {
+                if let Some(sender) = &notifications {
+                    if sender.send(()).is_err() {
+                        return;
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                debug!(%error, "catalog connection ended");
+                return;
+            }
+            None => return,
+        }
     }
 }
 

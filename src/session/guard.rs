@@ -135,9 +135,14 @@ pub struct ReadGuard {
     /// The last catalog read after a schema change failed: restricted roles get no
     /// rows from relations until one succeeds.
     catalog_out_of_date: bool,
-    /// A catalog refresh just ended; the message that waited for it goes on either way.
-    just_refreshed: bool,
+    /// Catalog refreshes the current request has waited for; bounded, so that a
+    /// failing catalog login or a storm of schema changes refuses rather than stalls.
+    refresh_attempts: u8,
 }
+
+/// Catalog refreshes one request waits for before it goes on with an out-of-date
+/// catalog, whose results restricted roles are then refused.
+const MAX_REFRESH_ATTEMPTS: u8 = 3;
 
 fn denied(sqlstate: &'static str, message: String, hint: &str) -> Box<ErrorReport> {
     Box::new(ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint))
@@ -168,7 +173,7 @@ impl ReadGuard {
             views_in_doubt: false,
             relations_in_doubt: false,
             catalog_out_of_date: false,
-            just_refreshed: false,
+            refresh_attempts: 0,
         }
     }
 
@@ -234,7 +239,6 @@ impl ReadGuard {
             self.refreshed_for.insert(oid);
         }
         self.sync_protection();
-        self.just_refreshed = true;
     }
 
     /// Checks a client message before it is forwarded: after a schema change, a
@@ -244,18 +248,20 @@ impl ReadGuard {
     pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
         if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
             self.sync_protection();
-            let just_refreshed = std::mem::take(&mut self.just_refreshed);
             self.catalog_out_of_date = false;
             if self.published.is_stale(&self.protection) && !self.unrestricted() {
-                if !just_refreshed {
+                if self.refresh_attempts < MAX_REFRESH_ATTEMPTS {
+                    self.refresh_attempts += 1;
                     return Ok(Verdict::AwaitCatalog(Refresh {
                         newer_than: self.protection.generation,
                         unknown_relation: None,
                     }));
                 }
-                // The refresh this message waited for failed.
+                // The refreshes this message waited for failed, or the schema kept
+                // changing under them.
                 self.catalog_out_of_date = true;
             }
+            self.refresh_attempts = 0;
         }
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
