@@ -23,6 +23,8 @@ CREATE ROLE pgveil_catalog_flaky LOGIN;
 CREATE ROLE clerk LOGIN;
 CREATE ROLE auditor LOGIN;
 CREATE ROLE view_owners;
+CREATE ROLE repl_clerk LOGIN REPLICATION;
+CREATE TABLE copy_target (id int);
 GRANT view_owners TO clerk, auditor;
 CREATE TABLE customers (id int PRIMARY KEY, phone text, id_card text UNIQUE);
 INSERT INTO customers VALUES (1, '13812345678', '110105199001011234');
@@ -561,4 +563,64 @@ async fn ddl_made_around_pgveil_is_seen_once_the_event_trigger_notifies() {
     );
     assert_eq!(value(&clerk, read).await, Ok("138****5678".into()));
     cluster().psql_ok("postgres", "DROP VIEW around_view");
+}
+
+#[tokio::test]
+async fn a_copy_from_stdin_after_a_refused_statement_in_the_same_query_still_runs() {
+    let proxy = proxy();
+    let mut raw = RawClient::login(proxy.port, "clerk", "copy-after-denial");
+    raw.send(&frame(
+        b'Q',
+        &cstr("SELECT id_card FROM customers WHERE id = 1; COPY copy_target FROM STDIN"),
+    ));
+    let first = raw.read_until(b'G');
+    assert_no_plaintext(&first);
+    let error = first.iter().find(|m| m.tag == b'E').expect("the refusal");
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"));
+    let mut data = frame(b'd', b"41\n");
+    data.extend(frame(b'c', &[]));
+    raw.send(&data);
+    let rest = raw.read_until(b'Z');
+    assert_eq!(support::tags(&rest), "CZ", "{rest:?}");
+    let direct = cluster().direct().await;
+    let row = direct
+        .query_one("SELECT count(*) FROM copy_target WHERE id = 41", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+}
+
+#[tokio::test]
+async fn replication_streams_are_refused_to_restricted_roles() {
+    let proxy = proxy();
+    let mut raw = RawClient::open(proxy.port);
+    raw.send(&support::startup_packet(&[
+        ("user", "repl_clerk"),
+        ("database", "postgres"),
+        ("replication", "database"),
+    ]));
+    raw.read_until(b'Z');
+    raw.send(&frame(b'Q', &cstr("IDENTIFY_SYSTEM")));
+    let identify = raw.read_until(b'Z');
+    let row = identify
+        .iter()
+        .find(|m| m.tag == b'D')
+        .expect("IDENTIFY_SYSTEM row");
+    // Columns: systemid, timeline, xlogpos, dbname; xlogpos is the third.
+    let mut fields = Vec::new();
+    let mut at = 2;
+    for _ in 0..3 {
+        let len = i32::from_be_bytes(row.body[at..at + 4].try_into().unwrap()) as usize;
+        fields.push(String::from_utf8(row.body[at + 4..at + 4 + len].to_vec()).unwrap());
+        at += 4 + len;
+    }
+    raw.send(&frame(
+        b'Q',
+        &cstr(&format!("START_REPLICATION PHYSICAL {}", fields[2])),
+    ));
+    let messages = raw.read_to_end();
+    assert!(!messages.iter().any(|m| m.tag == b'W'), "{messages:?}");
+    let error = messages.iter().find(|m| m.tag == b'E').expect("a refusal");
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"), "{error:?}");
+    assert_eq!(error.field(b'S').as_deref(), Some("FATAL"));
 }

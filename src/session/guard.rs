@@ -38,6 +38,10 @@ pub enum GuardError {
     Malformed(#[from] MalformedMessage),
     #[error("{0}")]
     Unexpected(String),
+    /// The session cannot go on without passing what the policy forbids; this report
+    /// ends it.
+    #[error("{}", .0.message)]
+    Refused(Box<ErrorReport>),
 }
 
 /// What to do with one message.
@@ -299,8 +303,30 @@ impl ReadGuard {
         tag: u8,
         body: &[u8],
     ) -> Result<Verdict, GuardError> {
+        if tag == b'W' && !self.unrestricted() {
+            // Replication and COPY BOTH streams carry row data pgveil cannot take apart.
+            return Err(GuardError::Refused(Box::new(
+                ErrorReport::new(
+                    Severity::Fatal,
+                    "42501",
+                    format!(
+                        "pgveil: replication and COPY BOTH streams are refused for role {}, whose reads pgveil must mask",
+                        self.role_name()
+                    ),
+                )
+                .with_hint("replicate with a login whose policy role may see every column in plaintext"),
+            )));
+        }
         if self.draining {
             return Ok(match tag {
+                // A COPY FROM STDIN after the refused statement of the same Query: the
+                // server now waits for the client's data, so the client must hear of
+                // it, or both wait for ever.
+                b'G' => {
+                    self.draining = false;
+                    self.result = ResultState::Idle;
+                    Verdict::Forward
+                }
                 b'Z' => {
                     self.draining = false;
                     self.result = ResultState::Idle;
@@ -437,10 +463,12 @@ impl ReadGuard {
             self.result = ResultState::Undescribed { portal: name() };
             return Ok(());
         };
-        let runs_another = found
-            .statement
-            .as_ref()
-            .is_some_and(|statement| runs_another_statement(&statement.query));
+        // A bound portal whose statement pgveil does not know (made by SQL PREPARE, or
+        // forgotten after one) is treated as if it might run another.
+        let runs_another = match &found.statement {
+            Some(statement) => runs_another_statement(&statement.query),
+            None => found.from_bind,
+        };
         if runs_another && !found.executed && *sent_after != found.bound_after {
             // SQL FETCH and EXECUTE find their cursor or statement only when they run;
             // whatever ran since Bind may have replaced it, so the description taken

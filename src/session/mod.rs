@@ -35,7 +35,7 @@ use crate::wire::messages::{ErrorReport, Severity};
 use crate::wire::startup::{CancelKey, StartupError};
 use cancel::CancelRegistry;
 use conn::Framed;
-use guard::ReadGuard;
+use guard::{GuardError, ReadGuard};
 use negotiate::{negotiate, Opening};
 use pump::{Direction, Pump, PumpEnd, PumpError, Shared};
 use state::StateError;
@@ -478,6 +478,7 @@ fn upstream_failure(error: PumpError) -> SessionError {
     match error {
         PumpError::State(StateError::Desync { .. }) => SessionError::Desync(error.to_string()),
         PumpError::Read(error) | PumpError::Write(error) => SessionError::UpstreamIo(error),
+        PumpError::Guard(GuardError::Refused(report)) => SessionError::Refused(*report),
         PumpError::TooLargeToInspect { .. } => SessionError::Refused(
             ErrorReport::new(Severity::Fatal, "54000", format!("pgveil: {error}; closing the session"))
                 .with_hint("select fewer or smaller values per row, or raise limits.max_inspected_message_bytes in the pgveil config"),

@@ -52,6 +52,8 @@ pub struct Portal {
     pub bound_after: u64,
     /// An Execute of the portal has completed (or suspended) at least once.
     pub executed: bool,
+    /// Made by a protocol Bind (rather than by SQL `DECLARE`).
+    pub from_bind: bool,
 }
 
 impl Portal {
@@ -368,6 +370,7 @@ impl SessionState {
                             described: None,
                             bound_after,
                             executed: false,
+                            from_bind: true,
                         },
                     );
                 }
@@ -504,6 +507,7 @@ impl SessionState {
                         described: None,
                         bound_after,
                         executed: false,
+                        from_bind: false,
                     })
                     .described = Some(columns);
             }
