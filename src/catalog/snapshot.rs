@@ -37,7 +37,8 @@ pub struct MissingTable {
 pub struct CatalogSnapshot {
     pub database: String,
     columns: HashMap<(u32, i16), ColumnSource>,
-    /// Every table-like relation that existed when the snapshot was taken.
+    /// Every relation a RowDescription can name that existed when the snapshot was
+    /// taken.
     known_relations: HashSet<u32>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
@@ -54,6 +55,14 @@ pub enum Lookup<'a> {
     /// A relation created after the snapshot (or in a transaction not committed yet).
     UnknownRelation,
 }
+
+/// Relation kinds (`pg_class.relkind`) whose OID a RowDescription can carry: what a
+/// query can read from (`FROM` or `RETURNING`): tables, partitioned tables, views,
+/// materialized views, foreign tables and sequences. Indexes, partitioned indexes and
+/// composite types cannot be read from. TOAST tables can (by superusers only) but are
+/// left out on purpose: their chunks hold protected values raw, so a result from one
+/// stays unknown and is refused to roles that may not see everything.
+const READABLE_RELKINDS: &str = "('r', 'p', 'v', 'm', 'f', 'S')";
 
 impl CatalogSnapshot {
     pub fn lookup(&self, table_oid: u32, attnum: i16) -> Lookup<'_> {
@@ -156,7 +165,9 @@ impl CatalogSnapshot {
 
         let relations = client
             .query(
-                "SELECT oid FROM pg_catalog.pg_class WHERE relkind IN ('r', 'v', 'm', 'p', 'f')",
+                &format!(
+                    "SELECT oid FROM pg_catalog.pg_class WHERE relkind IN {READABLE_RELKINDS}"
+                ),
                 &[],
             )
             .await
