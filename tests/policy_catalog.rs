@@ -1,7 +1,7 @@
 //! What the catalog snapshot must cover beyond plain tables and views, against a real
 //! PostgreSQL through pgveil: partitions, sub-partitions and inheritance children of
 //! protected tables (columns matched by name, not attribute number), views over them,
-//! and sequences.
+//! a view whose stored definition cannot be analysed, and sequences.
 
 mod support;
 
@@ -252,4 +252,73 @@ async fn a_restricted_role_reads_a_sequence() {
         "{}",
         proxy.log()
     );
+}
+
+/// A view whose stored query tree nests deeper than pgveil analyses (600 nested
+/// function calls around the ID card) and a view over it.
+fn create_poison_views() {
+    let mut expression = String::from("id_card");
+    for _ in 0..600 {
+        expression = format!("upper({expression})");
+    }
+    cluster().psql_ok(
+        "postgres",
+        &format!(
+            "CREATE OR REPLACE VIEW pc_poison AS \
+                 SELECT id, {expression} AS shout, region FROM pc_customers;
+             CREATE OR REPLACE VIEW pc_on_poison AS SELECT id, shout FROM pc_poison;
+             GRANT SELECT ON pc_poison, pc_on_poison TO PUBLIC;"
+        ),
+    );
+    let length = cluster().psql_ok(
+        "postgres",
+        "SELECT length(ev_action::text) FROM pg_rewrite \
+          WHERE ev_class = 'pc_poison'::regclass AND rulename = '_RETURN'",
+    );
+    assert!(
+        length.trim().parse::<usize>().is_ok_and(|n| n > 60_000),
+        "{length}"
+    );
+}
+
+#[tokio::test]
+async fn a_view_that_cannot_be_analysed_is_refused_but_does_not_stop_pgveil() {
+    schema();
+    create_poison_views();
+    let proxy = proxy();
+    let oid = cluster().psql_ok("postgres", "SELECT 'pc_poison'::regclass::oid");
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains(&format!("view={}", oid.trim()))),
+        "{log}"
+    );
+    let clerk = proxy.connect("pc_clerk").await;
+    // Every column of the view, even `id`, may carry what the view computed.
+    for sql in [
+        "SELECT shout FROM pc_poison WHERE id = 1",
+        "SELECT id FROM pc_poison WHERE id = 1",
+        "SELECT region FROM pc_poison WHERE id = 1",
+        "SELECT shout FROM pc_on_poison WHERE id = 1",
+    ] {
+        both(&clerk, sql, Err("42501"), &proxy).await;
+    }
+    // The rest of the database keeps working.
+    protected_like_the_parent(&proxy, "pc_customers", 1).await;
+
+    let auditor = proxy.connect("pc_auditor").await;
+    both(
+        &auditor,
+        "SELECT shout FROM pc_poison WHERE id = 1",
+        Ok(ID_CARD),
+        &proxy,
+    )
+    .await;
+    both(
+        &auditor,
+        "SELECT shout FROM pc_on_poison WHERE id = 1",
+        Ok(ID_CARD),
+        &proxy,
+    )
+    .await;
 }

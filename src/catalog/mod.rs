@@ -31,6 +31,4 @@ pub enum CatalogError {
     },
     #[error("catalog query for {what} failed: {reason}")]
     Query { what: &'static str, reason: String },
-    #[error("cannot analyse the definition of view OID {view}: {reason}")]
-    ViewDefinition { view: u32, reason: String },
 }

@@ -7,7 +7,8 @@
 //! differ from its parent's). A snapshot is built for one policy and never changes; a
 //! refresh builds a new one. Loading only reads system catalogs with the `catalog`
 //! login. A column whose origin cannot be worked out precisely is attributed to every
-//! protected column it might come from, never to none.
+//! protected column it might come from, never to none, and one view pgveil cannot
+//! analyse must never stop the whole catalog from loading.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -230,41 +231,79 @@ impl CatalogSnapshot {
         }
 
         // Views and materialized views that read, directly or through other views, a
-        // relation with protected columns.
+        // relation with protected columns; each with the protected relations it reads.
+        // Only `_RETURN` rules make a relation's rows.
         let protected_oids: Vec<u32> = base.keys().copied().collect();
-        let views = client
+        let rows = client
             .query(
-                "WITH RECURSIVE dependent(oid) AS ( \
-                    SELECT r.ev_class FROM pg_catalog.pg_depend d \
+                "WITH RECURSIVE dependent(oid, base) AS ( \
+                    SELECT r.ev_class, d.refobjid FROM pg_catalog.pg_depend d \
                       JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                       AND r.rulename = '_RETURN' \
                      WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass \
                        AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                        AND d.refobjid = ANY($1::oid[]) AND r.ev_class <> d.refobjid \
                     UNION \
-                    SELECT r.ev_class FROM dependent v \
+                    SELECT r.ev_class, v.base FROM dependent v \
                       JOIN pg_catalog.pg_depend d ON d.refobjid = v.oid \
                        AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                        AND d.classid = 'pg_catalog.pg_rewrite'::regclass \
-                      JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid AND r.ev_class <> v.oid) \
-                 SELECT r.ev_class, r.ev_action::text FROM pg_catalog.pg_rewrite r \
-                   JOIN dependent v ON v.oid = r.ev_class \
+                      JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                       AND r.rulename = '_RETURN' AND r.ev_class <> v.oid) \
+                 SELECT r.ev_class, r.ev_action::text, v.bases \
+                   FROM (SELECT oid, array_agg(DISTINCT base) AS bases \
+                           FROM dependent GROUP BY oid) v \
+                   JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid \
                   WHERE r.rulename = '_RETURN'",
                 &[&protected_oids],
             )
             .await
             .map_err(query_failed("views"))?;
         let mut lineages: HashMap<u32, Vec<(i16, ColumnLineage)>> = HashMap::new();
-        for row in &views {
+        // Views whose lineage cannot be computed: every column of one is computed from
+        // every protected column of every protected relation it reads.
+        let mut unanalysable: HashMap<u32, ColumnSource> = HashMap::new();
+        for row in &rows {
             let oid: u32 = get(row, 0, "views")?;
             let text: String = get(row, 1, "views")?;
-            let lineage = view_lineage(&text).map_err(|error| CatalogError::ViewDefinition {
-                view: oid,
-                reason: error.to_string(),
-            })?;
-            lineages.insert(oid, lineage);
+            let bases: Vec<u32> = get(row, 2, "views")?;
+            match view_lineage(&text) {
+                Ok(lineage) => {
+                    lineages.insert(oid, lineage);
+                }
+                Err(error) => {
+                    warn!(
+                        view = oid,
+                        reason = %error,
+                        "cannot analyse a view's definition; every column of it counts as computed from every protected column it reads"
+                    );
+                    let sources = derived(bases.iter().flat_map(|b| relation_ids(&base, *b)))
+                        .unwrap_or_else(|| everything(&base));
+                    unanalysable.insert(oid, sources);
+                }
+            }
+        }
+        if !unanalysable.is_empty() {
+            let oids: Vec<u32> = unanalysable.keys().copied().collect();
+            let rows = client
+                .query(
+                    "SELECT attrelid, attnum FROM pg_catalog.pg_attribute \
+                      WHERE attrelid = ANY($1::oid[]) AND attnum > 0 AND NOT attisdropped",
+                    &[&oids],
+                )
+                .await
+                .map_err(query_failed("columns of views"))?;
+            for row in &rows {
+                let oid: u32 = get(row, 0, "columns of views")?;
+                let attnum: i16 = get(row, 1, "columns of views")?;
+                if let Some(source) = unanalysable.get(&oid) {
+                    snapshot.columns.insert((oid, attnum), source.clone());
+                }
+            }
         }
         let mut resolver = ViewResolver {
             base: &base,
+            unanalysable: &unanalysable,
             lineages: &lineages,
             resolved: HashMap::new(),
         };
@@ -364,6 +403,13 @@ fn protected_relations(
         }
     }
     base
+}
+
+/// Every protected column of `relation` (empty when it holds none).
+fn relation_ids(base: &BaseColumns, relation: u32) -> Vec<ColumnId> {
+    base.get(&relation)
+        .map(|columns| columns.values().flat_map(source_ids).collect())
+        .unwrap_or_default()
 }
 
 /// Every protected column of every protected relation.
@@ -483,6 +529,7 @@ const MAX_VIEW_DEPTH: usize = 64;
 
 struct ViewResolver<'a> {
     base: &'a BaseColumns,
+    unanalysable: &'a HashMap<u32, ColumnSource>,
     lineages: &'a HashMap<u32, Vec<(i16, ColumnLineage)>>,
     resolved: HashMap<(u32, i16), Option<ColumnSource>>,
 }
@@ -500,6 +547,9 @@ impl ViewResolver<'_> {
             } else {
                 columns.get(&attnum).cloned()
             }
+        } else if let Some(source) = self.unanalysable.get(&relation) {
+            // Whatever column of it is read, it may carry any of these.
+            Some(source.clone())
         } else if let Some(columns) = self.lineages.get(&relation) {
             if depth > MAX_VIEW_DEPTH {
                 warn!(
@@ -660,12 +710,69 @@ mod tests {
         )]);
         let mut resolver = ViewResolver {
             base: &base,
+            unanalysable: &HashMap::new(),
             lineages: &lineages,
             resolved: HashMap::new(),
         };
         assert_eq!(resolver.column(52, 1, 0), Some(ColumnSource::Protected(0)));
         assert_eq!(
             resolver.column(52, 2, 0),
+            Some(ColumnSource::Derived(vec![0, 1]))
+        );
+    }
+
+    #[test]
+    fn views_over_a_view_that_cannot_be_analysed_inherit_its_fallback() {
+        let base = protected_relations(&explicit(), &descendants());
+        // View 50 could not be analysed; 51 copies its column 1 and computes a column
+        // from its column 2; 52 copies the partition 11's phone.
+        let fallback = ColumnSource::Derived(vec![0, 1]);
+        let unanalysable = HashMap::from([(50, fallback.clone())]);
+        let lineages = HashMap::from([
+            (
+                51,
+                vec![
+                    (
+                        1,
+                        ColumnLineage::Copy(ColumnRef {
+                            relation: 50,
+                            attnum: 1,
+                        }),
+                    ),
+                    (
+                        2,
+                        ColumnLineage::Computed(vec![ColumnRef {
+                            relation: 50,
+                            attnum: 2,
+                        }]),
+                    ),
+                    (3, ColumnLineage::Computed(vec![])),
+                ],
+            ),
+            (
+                52,
+                vec![(
+                    1,
+                    ColumnLineage::Copy(ColumnRef {
+                        relation: 11,
+                        attnum: 4,
+                    }),
+                )],
+            ),
+        ]);
+        let mut resolver = ViewResolver {
+            base: &base,
+            unanalysable: &unanalysable,
+            lineages: &lineages,
+            resolved: HashMap::new(),
+        };
+        assert_eq!(resolver.column(51, 1, 0), Some(fallback.clone()));
+        assert_eq!(resolver.column(51, 2, 0), Some(fallback.clone()));
+        assert_eq!(resolver.column(51, 3, 0), None);
+        assert_eq!(resolver.column(51, 0, 0), Some(fallback));
+        assert_eq!(resolver.column(52, 1, 0), Some(ColumnSource::Protected(0)));
+        assert_eq!(
+            resolver.column(11, 0, 0),
             Some(ColumnSource::Derived(vec![0, 1]))
         );
     }
