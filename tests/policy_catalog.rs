@@ -1,13 +1,16 @@
 //! What the catalog snapshot must cover beyond plain tables and views, against a real
 //! PostgreSQL through pgveil: partitions, sub-partitions and inheritance children of
 //! protected tables (columns matched by name, not attribute number), views over them,
-//! a view whose stored definition cannot be analysed, and sequences.
+//! a view whose stored definition cannot be analysed, sequences, and rules whose actions
+//! return protected values.
 
 mod support;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use pgveil::catalog::snapshot::CatalogSnapshot;
+use pgveil::policy::Policy;
 use support::{cluster, free_port, sqlstate, Proxy, ProxyOptions};
 use tokio_postgres::types::Type;
 use tokio_postgres::SimpleQueryMessage;
@@ -321,4 +324,71 @@ async fn a_view_that_cannot_be_analysed_is_refused_but_does_not_stop_pgveil() {
         &proxy,
     )
     .await;
+}
+
+#[tokio::test]
+async fn rules_that_return_rows_name_the_protected_columns_they_read() {
+    schema();
+    let policy = Policy::parse(POLICY, "policy.yaml").expect("policy");
+    let column = |table: &str, name: &str| {
+        policy
+            .columns
+            .iter()
+            .position(|c| c.name == name && policy.tables[c.table].name == table)
+            .expect("policy column")
+    };
+    let customers_id_card = column("pc_customers", "id_card");
+    let people_phone = column("pc_people", "phone");
+    let client = cluster().direct().await;
+    let load = || CatalogSnapshot::load(&client, "postgres", &policy);
+
+    let before = load().await.expect("snapshot");
+    assert!(
+        before.reading_rule_sources().is_empty(),
+        "{:?}",
+        before.reading_rule_sources()
+    );
+
+    // Through a partition; and a rule that returns nothing does not count.
+    client
+        .batch_execute(
+            "CREATE TABLE pc_rule_audit (x text);
+             CREATE RULE pc_reads AS ON INSERT TO pc_rule_target
+                 DO INSTEAD SELECT id_card FROM pc_customers_north;
+             CREATE RULE pc_copies AS ON UPDATE TO pc_rule_target
+                 DO ALSO INSERT INTO pc_rule_audit SELECT phone FROM pc_people;",
+        )
+        .await
+        .expect("create rules");
+    let with_rule = load().await.expect("snapshot");
+    let sources = with_rule.reading_rule_sources();
+    assert!(sources.contains(&customers_id_card), "{sources:?}");
+    assert!(!sources.contains(&people_phone), "{sources:?}");
+    assert!(sources.windows(2).all(|w| w[0] < w[1]), "{sources:?}");
+
+    // Through a view on an inheritance child.
+    client
+        .batch_execute(
+            "CREATE VIEW pc_staff_phones AS SELECT phone FROM pc_staff;
+             CREATE RULE pc_reads_view AS ON DELETE TO pc_rule_target
+                 DO INSTEAD SELECT phone FROM pc_staff_phones;",
+        )
+        .await
+        .expect("create rule on view");
+    let with_view = load().await.expect("snapshot");
+    assert!(
+        with_view.reading_rule_sources().contains(&people_phone),
+        "{:?}",
+        with_view.reading_rule_sources()
+    );
+
+    client
+        .batch_execute(
+            "DROP RULE pc_reads ON pc_rule_target;
+             DROP RULE pc_copies ON pc_rule_target;
+             DROP RULE pc_reads_view ON pc_rule_target;
+             DROP VIEW pc_staff_phones; DROP TABLE pc_rule_audit;",
+        )
+        .await
+        .expect("drop rules");
 }

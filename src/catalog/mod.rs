@@ -9,6 +9,7 @@
 pub mod connect;
 pub mod lineage;
 pub mod node_tree;
+pub mod rules;
 pub mod snapshot;
 
 use thiserror::Error;

@@ -1,6 +1,6 @@
 //! One database's catalog as the policy needs it: which (table OID, attribute number)
-//! pairs are protected columns, which view columns are derived from them, and which
-//! relations exist at all.
+//! pairs are protected columns, which view columns are derived from them, which
+//! relations exist at all, and which protected columns rules may return.
 //!
 //! A policy table's protection extends to every table that inherits from it or is a
 //! partition of it, at any depth, column by column by name (a child's attribute numbers
@@ -18,6 +18,7 @@ use tokio_postgres::{Client, Row};
 use tracing::warn;
 
 use super::lineage::{view_lineage, ColumnLineage, ColumnRef};
+use super::rules;
 use super::CatalogError;
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
@@ -46,6 +47,8 @@ pub struct CatalogSnapshot {
     /// Every relation a RowDescription can name that existed when the snapshot was
     /// taken.
     known_relations: HashSet<u32>,
+    /// Protected columns that rules returning rows read (sorted, no duplicates).
+    rule_sources: Vec<ColumnId>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
@@ -80,6 +83,20 @@ impl CatalogSnapshot {
             None if self.known_relations.contains(&table_oid) => Lookup::Unprotected,
             None => Lookup::UnknownRelation,
         }
+    }
+
+    /// Protected columns whose values a rule may return, sorted and without duplicates.
+    ///
+    /// A rule other than a view's `_RETURN` rule whose action is a `SELECT` or has a
+    /// `RETURNING` list (`CREATE RULE r AS ON INSERT TO t DO INSTEAD SELECT id_card FROM
+    /// customers`) answers an ordinary `INSERT`/`UPDATE`/`DELETE` with rows whose
+    /// RowDescription says table OID 0 and attribute number 0, which [`Self::lookup`]
+    /// reports as unprotected. Any result column with table OID 0 may therefore carry
+    /// the values of these columns: every protected column of every protected relation
+    /// (policy tables, their partitions and inheritance children) such a rule reads,
+    /// directly or through views. Empty when no such rule exists.
+    pub fn reading_rule_sources(&self) -> &[ColumnId] {
+        &self.rule_sources
     }
 
     /// Number of result columns (base, partition, child and view) that carry protected
@@ -232,7 +249,7 @@ impl CatalogSnapshot {
 
         // Views and materialized views that read, directly or through other views, a
         // relation with protected columns; each with the protected relations it reads.
-        // Only `_RETURN` rules make a relation's rows.
+        // Only `_RETURN` rules make a relation's rows; other rules are looked at below.
         let protected_oids: Vec<u32> = base.keys().copied().collect();
         let rows = client
             .query(
@@ -263,6 +280,8 @@ impl CatalogSnapshot {
         // Views whose lineage cannot be computed: every column of one is computed from
         // every protected column of every protected relation it reads.
         let mut unanalysable: HashMap<u32, ColumnSource> = HashMap::new();
+        // The protected relations each view reads, for rules that read the view.
+        let mut view_bases: HashMap<u32, Vec<u32>> = HashMap::new();
         for row in &rows {
             let oid: u32 = get(row, 0, "views")?;
             let text: String = get(row, 1, "views")?;
@@ -282,6 +301,7 @@ impl CatalogSnapshot {
                     unanalysable.insert(oid, sources);
                 }
             }
+            view_bases.insert(oid, bases);
         }
         if !unanalysable.is_empty() {
             let oids: Vec<u32> = unanalysable.keys().copied().collect();
@@ -314,6 +334,36 @@ impl CatalogSnapshot {
                 }
             }
         }
+
+        // Rules other than `_RETURN` that read a protected relation or a view of one. A
+        // rule's dependency on its own relation counts too: its action can read the
+        // relation's rows as OLD.
+        let mut read: Vec<u32> = protected_oids;
+        read.extend(view_bases.keys().copied());
+        let rows = client
+            .query(
+                "SELECT r.ev_action::text, d.refs \
+                   FROM (SELECT objid, array_agg(DISTINCT refobjid) AS refs \
+                           FROM pg_catalog.pg_depend \
+                          WHERE classid = 'pg_catalog.pg_rewrite'::regclass \
+                            AND refclassid = 'pg_catalog.pg_class'::regclass \
+                            AND refobjid = ANY($1::oid[]) \
+                          GROUP BY objid) d \
+                   JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                  WHERE r.rulename <> '_RETURN'",
+                &[&read],
+            )
+            .await
+            .map_err(query_failed("rules"))?;
+        let mut rule_sources = BTreeSet::new();
+        for row in &rows {
+            let text: String = get(row, 0, "rules")?;
+            let refs: Vec<u32> = get(row, 1, "rules")?;
+            if rules::may_return_rows(&text) {
+                rule_sources.extend(read_by_rule(&refs, &base, &view_bases));
+            }
+        }
+        snapshot.rule_sources = rule_sources.into_iter().collect();
         Ok(snapshot)
     }
 }
@@ -419,6 +469,24 @@ fn everything(base: &BaseColumns) -> ColumnSource {
         .flat_map(|columns| columns.values().flat_map(source_ids))
         .collect();
     ColumnSource::Derived(ids.into_iter().collect())
+}
+
+/// The protected columns a rule that depends on relations `refs` may read: all those of
+/// each protected relation among them, and of every protected relation each view among
+/// them reads.
+fn read_by_rule(
+    refs: &[u32],
+    base: &BaseColumns,
+    view_bases: &HashMap<u32, Vec<u32>>,
+) -> BTreeSet<ColumnId> {
+    let mut ids = BTreeSet::new();
+    for &relation in refs {
+        ids.extend(relation_ids(base, relation));
+        for &read in view_bases.get(&relation).map(Vec::as_slice).unwrap_or(&[]) {
+            ids.extend(relation_ids(base, read));
+        }
+    }
+    ids
 }
 
 impl CatalogSnapshot {
@@ -683,6 +751,22 @@ mod tests {
         // Two unrelated parents: derived from both.
         assert_eq!(at(30, 1), Some(ColumnSource::Derived(vec![0, 2])));
         assert_eq!(at(30, 2), Some(ColumnSource::Protected(1)));
+    }
+
+    #[test]
+    fn rules_read_protected_relations_and_what_views_read() {
+        let base = protected_relations(&explicit(), &descendants());
+        let views = HashMap::from([(40, vec![20]), (41, vec![11, 13])]);
+        let ids = |refs: &[u32]| {
+            read_by_rule(refs, &base, &views)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&[99]), Vec::<ColumnId>::new());
+        assert_eq!(ids(&[20, 99]), [2]);
+        assert_eq!(ids(&[12]), [0, 1]);
+        assert_eq!(ids(&[40]), [2]);
+        assert_eq!(ids(&[41]), [0, 1, 3]);
     }
 
     #[test]
