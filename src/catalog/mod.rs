@@ -9,6 +9,7 @@
 pub mod connect;
 pub mod lineage;
 pub mod node_tree;
+pub mod rules;
 pub mod snapshot;
 
 use thiserror::Error;
@@ -31,6 +32,4 @@ pub enum CatalogError {
     },
     #[error("catalog query for {what} failed: {reason}")]
     Query { what: &'static str, reason: String },
-    #[error("cannot analyse the definition of view OID {view}: {reason}")]
-    ViewDefinition { view: u32, reason: String },
 }
