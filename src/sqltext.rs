@@ -53,6 +53,17 @@ pub fn runs_another_statement(sql: &[u8]) -> bool {
     matches!(leading_keyword(sql).as_deref(), Some("fetch" | "execute"))
 }
 
+/// Whether `sql` may run a command that rules rewrite (INSERT, UPDATE, DELETE, MERGE),
+/// or a prepared statement that may be one (EXECUTE). A word search, no parsing: an
+/// identifier that contains one of the words only makes pgveil stricter.
+pub fn may_modify_data(sql: &[u8]) -> bool {
+    const WORDS: [&[u8]; 5] = [b"insert", b"update", b"delete", b"merge", b"execute"];
+    WORDS.iter().any(|word| {
+        sql.windows(word.len())
+            .any(|window| window.eq_ignore_ascii_case(word))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +87,13 @@ mod tests {
         assert!(runs_another_statement(b"/**/EXECUTE p"));
         assert!(!runs_another_statement(b"select * from fetch"));
         assert!(!runs_another_statement(b"explain execute p"));
+    }
+
+    #[test]
+    fn knows_statements_that_may_modify_data() {
+        assert!(may_modify_data(b"INSERT INTO t VALUES (1)"));
+        assert!(may_modify_data(b"with x as (select 1) Delete from t"));
+        assert!(may_modify_data(b"EXECUTE q(1)"));
+        assert!(!may_modify_data(b"SELECT count(*) FROM t"));
     }
 }

@@ -624,3 +624,33 @@ async fn replication_streams_are_refused_to_restricted_roles() {
     assert_eq!(error.field(b'C').as_deref(), Some("42501"), "{error:?}");
     assert_eq!(error.field(b'S').as_deref(), Some("FATAL"));
 }
+
+#[tokio::test]
+async fn rows_returned_by_a_rule_are_checked_against_what_the_rule_reads() {
+    let proxy = proxy();
+    let clerk = proxy.connect("clerk").await;
+    clerk
+        .batch_execute(
+            "CREATE TABLE rule_target (id int);
+             GRANT ALL ON rule_target TO PUBLIC;
+             CREATE RULE rule_target_leak AS ON INSERT TO rule_target
+                 DO INSTEAD SELECT phone FROM public.customers WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    let insert = "INSERT INTO rule_target VALUES (1)";
+    assert_eq!(value(&clerk, insert).await, Err("42501".into()));
+    // Through the extended protocol the portal is described as returning no rows, and
+    // the server sends none.
+    let rows = clerk.query(insert, &[]).await.unwrap();
+    assert!(rows.is_empty());
+    // Statements that modify nothing are not affected.
+    assert_eq!(
+        value(&clerk, "SELECT 'constant'").await,
+        Ok("constant".into())
+    );
+
+    let auditor = proxy.connect("auditor").await;
+    assert_eq!(value(&auditor, insert).await, Ok(PHONE.into()));
+    clerk.batch_execute("DROP TABLE rule_target").await.unwrap();
+}

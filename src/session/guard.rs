@@ -10,7 +10,7 @@
 //! relation, an undescribed portal or a malformed row is refused, not passed.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -22,7 +22,7 @@ use crate::engine::{Engine, Protection, ProtectionHandle};
 use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
-use crate::sqltext::runs_another_statement;
+use crate::sqltext::{may_modify_data, runs_another_statement};
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
     command_tag, error_is_fatal, execute_portal, scrub_report, ErrorReport, MalformedMessage,
@@ -142,6 +142,9 @@ pub struct ReadGuard {
     /// Catalog refreshes the current request has waited for; bounded, so that a
     /// failing catalog login or a storm of schema changes refuses rather than stalls.
     refresh_attempts: u8,
+    /// For each simple Query not answered yet: whether it may modify data, and so fire
+    /// a rule that returns rows (see `CatalogSnapshot::reading_rule_sources`).
+    simple_queries: VecDeque<bool>,
 }
 
 /// Catalog refreshes one request waits for before it goes on with an out-of-date
@@ -178,6 +181,7 @@ impl ReadGuard {
             relations_in_doubt: false,
             catalog_out_of_date: false,
             refresh_attempts: 0,
+            simple_queries: VecDeque::new(),
         }
     }
 
@@ -267,6 +271,9 @@ impl ReadGuard {
             }
             self.refresh_attempts = 0;
         }
+        if tag == b'Q' {
+            self.simple_queries.push_back(may_modify_data(body));
+        }
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
             // ran, may not match the rows: search_path, views and cursors can change in
@@ -285,6 +292,9 @@ impl ReadGuard {
         body: &[u8],
     ) -> Result<Verdict, GuardError> {
         let verdict = self.decide(state, tag, body)?;
+        if tag == b'Z' && state.next_expected() == Some(&Expected::SimpleQuery) {
+            self.simple_queries.pop_front();
+        }
         if verdict == Verdict::Forward && matches!(tag, b'E' | b'N') && !self.unrestricted() {
             // "Key (id_card)=(…) already exists", "invalid input syntax for type
             // integer: "…"": errors quote the values they tripped on.
@@ -469,6 +479,10 @@ impl ReadGuard {
             Some(statement) => runs_another_statement(&statement.query),
             None => found.from_bind,
         };
+        let modifies = found
+            .statement
+            .as_ref()
+            .is_none_or(|statement| may_modify_data(&statement.query));
         if runs_another && !found.executed && *sent_after != found.bound_after {
             // SQL FETCH and EXECUTE find their cursor or statement only when they run;
             // whatever ran since Bind may have replaced it, so the description taken
@@ -489,7 +503,7 @@ impl ReadGuard {
         self.result = match &found.described {
             None => ResultState::Undescribed { portal: name() },
             Some(None) => ResultState::NoRows { portal: name() },
-            Some(Some(columns)) => match self.plan(columns) {
+            Some(Some(columns)) => match self.plan(columns, modifies) {
                 Plan::Pass => ResultState::Pass,
                 Plan::Shape(shaping) => ResultState::Shape(Arc::new(shaping)),
                 Plan::Deny(report) => ResultState::Denied(report),
@@ -525,7 +539,10 @@ impl ReadGuard {
             return Ok(Verdict::Forward);
         }
         let columns = decode_row_description(body)?;
-        let plan = self.plan(&columns);
+        // A Describe is answered before anything runs; the rows are checked again
+        // when they come, with what the statement may fire.
+        let modifies = !answers_describe && self.simple_queries.front().copied().unwrap_or(true);
+        let plan = self.plan(&columns, modifies);
         if let Plan::Unknown(oid) = plan {
             return Ok(Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
@@ -560,7 +577,7 @@ impl ReadGuard {
             return Ok(Verdict::Drop);
         }
         let columns = decode_row_description(body)?;
-        Ok(match self.plan(&columns) {
+        Ok(match self.plan(&columns, false) {
             Plan::Unknown(oid) => Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: Some(oid),
@@ -646,9 +663,13 @@ impl ReadGuard {
         )
     }
 
-    /// Checks every column of a result against the policy.
-    fn plan(&self, columns: &[FieldDescription]) -> Plan {
+    /// Checks every column of a result against the policy. `may_fire_rules`: the
+    /// statement may modify data, so a column without a relation may carry what a rule
+    /// returned.
+    fn plan(&self, columns: &[FieldDescription], may_fire_rules: bool) -> Plan {
         let policy = &self.protection.policy;
+        let rule_sources = self.protection.catalog.reading_rule_sources();
+        let rule_columns = ColumnSource::Derived(rule_sources.to_vec());
         let mut treatments = Vec::new();
         for (index, field) in columns.iter().enumerate() {
             if field.table_oid != 0 {
@@ -661,6 +682,13 @@ impl ReadGuard {
                 .catalog
                 .lookup(field.table_oid, field.attnum)
             {
+                // Rules answer INSERT, UPDATE and DELETE with rows that name no
+                // relation.
+                Lookup::Unprotected
+                    if field.table_oid == 0 && may_fire_rules && !rule_sources.is_empty() =>
+                {
+                    &rule_columns
+                }
                 Lookup::Unprotected => continue,
                 Lookup::UnknownRelation => {
                     if self.refreshed_for.contains(&field.table_oid) {
