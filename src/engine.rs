@@ -57,6 +57,9 @@ type CachedMemberships = (Instant, Arc<HashSet<String>>);
 #[derive(Default)]
 struct DatabaseSlot {
     current: RwLock<Option<Arc<Protection>>>,
+    /// The generation of `current` (0 before the first), readable without the lock:
+    /// sessions compare it on every row of results they stream.
+    generation: AtomicU64,
     /// One load at a time per database; others wait and reuse its result.
     loading: tokio::sync::Mutex<()>,
     /// Counts the moments the schema may have changed (DDL committed through pgveil).
@@ -76,6 +79,14 @@ pub const SCHEMA_CHANGE_CHANNEL: &str = "pgveil_ddl";
 /// How long a lost schema-change listener waits before it connects again.
 const RELISTEN_AFTER: Duration = Duration::from_secs(5);
 
+impl DatabaseSlot {
+    fn publish(&self, protection: Arc<Protection>) {
+        let generation = protection.generation;
+        write(&self.current, Some(protection));
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
 /// How long after a failed catalog read pgveil answers from that failure instead of
 /// trying again.
 const RETRY_FAILED_LOAD_AFTER: Duration = Duration::from_secs(2);
@@ -86,6 +97,11 @@ pub struct ProtectionHandle(Arc<DatabaseSlot>);
 impl ProtectionHandle {
     pub fn current(&self) -> Option<Arc<Protection>> {
         read(&self.0.current)
+    }
+
+    /// The generation of the protection published now.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
     }
 
     /// The schema may have changed (DDL was committed): every session of the database
@@ -107,6 +123,7 @@ pub struct Engine {
     hash_key: Option<Arc<HashKey>>,
     databases: Mutex<HashMap<String, Arc<DatabaseSlot>>>,
     memberships: Mutex<HashMap<String, CachedMemberships>>,
+    membership_epoch: AtomicU64,
     generation: AtomicU64,
     /// Serialises policy reloads.
     reloading: tokio::sync::Mutex<()>,
@@ -163,6 +180,7 @@ impl Engine {
             hash_key,
             databases: Mutex::new(HashMap::new()),
             memberships: Mutex::new(HashMap::new()),
+            membership_epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -247,7 +265,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = built.is_err().then(Instant::now);
         let protection = built?;
-        write(&slot.current, Some(protection.clone()));
+        slot.publish(protection.clone());
         Ok(protection)
     }
 
@@ -406,7 +424,7 @@ impl Engine {
         }
         write(&self.policy, policy);
         for (slot, protection, _loading) in built {
-            write(&slot.current, Some(protection));
+            slot.publish(protection);
         }
         info!(policy = %self.policy_path.display(), "policy reloaded");
         Ok(())
@@ -452,12 +470,19 @@ impl Engine {
         Ok(roles)
     }
 
-    /// Forgets cached memberships (after GRANT/REVOKE or role DDL passed through).
+    /// Forgets cached memberships (after GRANT/REVOKE or role DDL passed through);
+    /// sessions read theirs again before their next statement.
     pub fn forget_memberships(&self) {
         self.memberships
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .clear();
+        self.membership_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts [`Engine::forget_memberships`] calls.
+    pub fn membership_epoch(&self) -> u64 {
+        self.membership_epoch.load(Ordering::Acquire)
     }
 }
 

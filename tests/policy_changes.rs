@@ -654,3 +654,33 @@ async fn rows_returned_by_a_rule_are_checked_against_what_the_rule_reads() {
     assert_eq!(value(&auditor, insert).await, Ok(PHONE.into()));
     clerk.batch_execute("DROP TABLE rule_target").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_revoked_membership_applies_to_open_sessions_at_their_next_statement() {
+    let proxy = proxy();
+    cluster().psql_ok(
+        "postgres",
+        "CREATE ROLE late_auditor LOGIN; GRANT auditor TO late_auditor",
+    );
+    let late = proxy.connect("late_auditor").await;
+    let read = "SELECT phone FROM customers WHERE id = 1";
+    assert_eq!(value(&late, read).await, Ok(PHONE.into()));
+
+    let admin = proxy.connect("postgres").await;
+    admin
+        .batch_execute("REVOKE auditor FROM late_auditor")
+        .await
+        .unwrap();
+    assert_eq!(value(&late, read).await, Ok("138****5678".into()));
+    let statement = late
+        .prepare("SELECT phone FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    let row = late.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "138****5678");
+    assert!(
+        proxy.log().contains("role memberships changed"),
+        "{}",
+        proxy.log()
+    );
+}

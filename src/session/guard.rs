@@ -12,13 +12,14 @@
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing::{debug, info};
 
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
-use crate::engine::{Engine, Protection, ProtectionHandle};
+use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
 use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
@@ -55,6 +56,8 @@ pub enum Verdict {
     /// Client Execute only: send a Describe of this portal first, so the rows are
     /// planned from the portal as it is when it runs.
     DescribeFirst(Vec<u8>),
+    /// Read the login's role memberships again, then show the same message again.
+    AwaitMemberships,
 }
 
 /// A catalog refresh a message waits for.
@@ -145,7 +148,17 @@ pub struct ReadGuard {
     /// For each simple Query not answered yet: whether it may modify data, and so fire
     /// a rule that returns rows (see `CatalogSnapshot::reading_rule_sources`).
     simple_queries: VecDeque<bool>,
+    /// When the login's role memberships are to be read again, and the engine's
+    /// membership epoch they were read at (GRANT/REVOKE through pgveil bumps it).
+    memberships_due: Instant,
+    memberships_epoch: u64,
+    /// The last attempt to read them failed: the role cannot be trusted, so the
+    /// session is treated as restricted and refused results from relations.
+    memberships_unknown: bool,
 }
+
+/// How soon a failed read of a login's role memberships is tried again.
+const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 
 /// Catalog refreshes one request waits for before it goes on with an out-of-date
 /// catalog, whose results restricted roles are then refused.
@@ -165,6 +178,7 @@ impl ReadGuard {
     ) -> ReadGuard {
         let role = protection.policy.role_for(&user, &memberships);
         info!(%user, %database, role = protection.policy.role_name(role), "policy role resolved");
+        let memberships_epoch = engine.membership_epoch();
         ReadGuard {
             published: engine.handle(&database),
             engine,
@@ -182,6 +196,9 @@ impl ReadGuard {
             catalog_out_of_date: false,
             refresh_attempts: 0,
             simple_queries: VecDeque::new(),
+            memberships_due: Instant::now() + MEMBERSHIP_TTL,
+            memberships_epoch,
+            memberships_unknown: false,
         }
     }
 
@@ -212,13 +229,38 @@ impl ReadGuard {
 
     /// A newer policy or catalog was published since this session last synced.
     fn policy_changed(&self) -> bool {
-        self.published
-            .current()
-            .is_some_and(|current| current.generation != self.protection.generation)
+        self.published.generation() != self.protection.generation
     }
 
     fn unrestricted(&self) -> bool {
-        self.protection.policy.is_unrestricted(self.role)
+        !self.memberships_unknown && self.protection.policy.is_unrestricted(self.role)
+    }
+
+    /// The login's role memberships were read again (or could not be).
+    pub fn memberships_refreshed(&mut self, memberships: Option<Arc<HashSet<String>>>) {
+        self.memberships_epoch = self.engine.membership_epoch();
+        match memberships {
+            Some(memberships) => {
+                self.memberships_due = Instant::now() + MEMBERSHIP_TTL;
+                self.memberships_unknown = false;
+                if memberships != self.memberships {
+                    self.memberships = memberships;
+                    self.role = self
+                        .protection
+                        .policy
+                        .role_for(&self.user, &self.memberships);
+                    info!(user = %self.user, role = self.role_name(), "role memberships changed");
+                }
+            }
+            None => {
+                self.memberships_due = Instant::now() + MEMBERSHIP_RETRY;
+                self.memberships_unknown = true;
+            }
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// Whether a server message must be seen whole (`Some(true)`), may stream
@@ -255,6 +297,11 @@ impl ReadGuard {
     /// portal.
     pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
         if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
+            if self.memberships_epoch != self.engine.membership_epoch()
+                || Instant::now() >= self.memberships_due
+            {
+                return Ok(Verdict::AwaitMemberships);
+            }
             self.sync_protection();
             self.catalog_out_of_date = false;
             if self.published.is_stale(&self.protection) && !self.unrestricted() {
@@ -626,6 +673,16 @@ impl ReadGuard {
     /// date: after a failed re-read, or after DDL in the open transaction.
     fn in_doubt(&self, field: &FieldDescription) -> Option<Box<ErrorReport>> {
         let column = String::from_utf8_lossy(&field.name);
+        if self.memberships_unknown {
+            return Some(denied(
+                "42501",
+                format!(
+                    "pgveil: the role memberships of login {} could not be read again, so column \"{column}\" cannot be checked",
+                    self.user
+                ),
+                "try again in a moment; if it persists, check pgveil's log and its catalog login",
+            ));
+        }
         if self.catalog_out_of_date {
             return Some(denied(
                 "42501",

@@ -208,6 +208,35 @@ impl Pump {
                 }
                 continue;
             }
+            if scanned.await_memberships {
+                let waiting = {
+                    let shared = shared.lock().unwrap_or_else(|poison| poison.into_inner());
+                    shared.guard.as_ref().map(|guard| {
+                        (
+                            guard.engine().clone(),
+                            guard.database().to_string(),
+                            guard.user().to_string(),
+                        )
+                    })
+                };
+                let memberships = match waiting {
+                    Some((engine, database, user)) => {
+                        match engine.memberships(&database, &user).await {
+                            Ok(memberships) => Some(memberships),
+                            Err(error) => {
+                                tracing::warn!(%database, %user, %error, "cannot read role memberships again");
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                let mut shared = shared.lock().unwrap_or_else(|poison| poison.into_inner());
+                if let Some(guard) = shared.guard.as_mut() {
+                    guard.memberships_refreshed(memberships);
+                }
+                continue;
+            }
             if scanned.terminated {
                 writer.flush().await.map_err(PumpError::Write)?;
                 return Ok(PumpEnd::Terminated);
@@ -249,12 +278,14 @@ impl Pump {
             need: 0,
             terminated: false,
             await_catalog: None,
+            await_memberships: false,
             error: None,
         };
         match result {
             Ok(Stop::More(need)) => scanned.need = need,
             Ok(Stop::Terminated) => scanned.terminated = true,
             Ok(Stop::AwaitCatalog(refresh)) => scanned.await_catalog = Some(refresh),
+            Ok(Stop::AwaitMemberships) => scanned.await_memberships = true,
             Err(error) => scanned.error = Some(error),
         }
         scanned
@@ -321,7 +352,10 @@ impl Pump {
                         Some(guard) => guard.on_server_message(&shared.state, header.tag, body)?,
                         None => Verdict::Forward,
                     };
-                    if !matches!(verdict, Verdict::AwaitCatalog(_)) {
+                    if !matches!(
+                        verdict,
+                        Verdict::AwaitCatalog(_) | Verdict::AwaitMemberships
+                    ) {
                         shared.state.on_server_message(header.tag, body)?;
                     }
                     verdict
@@ -330,6 +364,7 @@ impl Pump {
             let start = *pos;
             match verdict {
                 Verdict::AwaitCatalog(refresh) => return Ok(Stop::AwaitCatalog(refresh)),
+                Verdict::AwaitMemberships => return Ok(Stop::AwaitMemberships),
                 Verdict::Forward => {
                     if self.direction == Direction::ServerToClient {
                         self.last_was_fatal_error = header.tag == b'E' && error_is_fatal(body);
@@ -371,6 +406,7 @@ enum Stop {
     More(usize),
     Terminated,
     AwaitCatalog(Refresh),
+    AwaitMemberships,
 }
 
 struct Scanned {
@@ -381,6 +417,7 @@ struct Scanned {
     need: usize,
     terminated: bool,
     await_catalog: Option<Refresh>,
+    await_memberships: bool,
     error: Option<PumpError>,
 }
 
