@@ -110,9 +110,10 @@ impl ProtectionHandle {
         self.0.changes.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Whether `protection`'s catalog was read before the latest schema change.
-    pub fn is_stale(&self, protection: &Protection) -> bool {
-        protection.changes_seen < self.0.changes.load(Ordering::Acquire)
+    /// How many schema changes the database has had so far; a catalog whose
+    /// `changes_seen` is lower was read before the latest.
+    pub fn changes(&self) -> u64 {
+        self.0.changes.load(Ordering::Acquire)
     }
 }
 
@@ -229,22 +230,24 @@ impl Engine {
         if let Some(current) = self.current(database) {
             return Ok(current);
         }
-        self.refresh(database, 0).await
+        self.refresh(database, 0, 0).await
     }
 
-    /// A protection for `database` built after generation `newer_than`: waits for a
-    /// refresh already running, or runs one.
+    /// A protection for `database` built after generation `newer_than` from a catalog
+    /// read after at least `changes_needed` schema changes: waits for a refresh already
+    /// running, or runs one. Asking only for the changes known when a request arrived
+    /// (not for the latest) keeps a stream of schema changes from starving it.
     pub async fn refresh(
         &self,
         database: &str,
         newer_than: u64,
+        changes_needed: u64,
     ) -> Result<Arc<Protection>, EngineError> {
         let database = self.catalog_database(database).to_string();
         let slot = self.slot(&database);
         let _loading = slot.loading.lock().await;
-        let handle = ProtectionHandle(slot.clone());
         if let Some(current) = read(&slot.current) {
-            if current.generation > newer_than && !handle.is_stale(&current) {
+            if current.generation > newer_than && current.changes_seen >= changes_needed {
                 return Ok(current);
             }
         }
@@ -312,7 +315,7 @@ impl Engine {
     /// table that does not exist stops pgveil before it serves anyone.
     pub async fn check_startup(&self) -> Result<(), EngineError> {
         if let Some(database) = self.login.database.clone() {
-            self.refresh(&database, 0).await?;
+            self.refresh(&database, 0, 0).await?;
         }
         Ok(())
     }
@@ -328,7 +331,7 @@ impl Engine {
         };
         for database in databases {
             let newest = self.generation.load(Ordering::Acquire);
-            if let Err(error) = self.refresh(&database, newest).await {
+            if let Err(error) = self.refresh(&database, newest, 0).await {
                 warn!(%database, %error, "catalog refresh failed; keeping the previous catalog");
             }
         }

@@ -249,7 +249,7 @@ fn policy_check(
     let problems = snapshot.problems(&policy);
     if problems.is_empty() {
         println!(
-            "{}: ok against database {database}: {} protected result columns (views included)",
+            "{}: ok against database {database}: {} protected result columns (views, partitions and inheritance children included)",
             file.display(),
             snapshot.protected_column_count()
         );

@@ -67,6 +67,8 @@ pub struct Refresh {
     pub newer_than: u64,
     /// The relation the catalog did not know, if that is why.
     pub unknown_relation: Option<u32>,
+    /// The schema changes the catalog must have been read after.
+    pub changes_needed: u64,
 }
 
 /// How one protected result column is transformed.
@@ -142,9 +144,9 @@ pub struct ReadGuard {
     /// The last catalog read after a schema change failed: restricted roles get no
     /// rows from relations until one succeeds.
     catalog_out_of_date: bool,
-    /// Catalog refreshes the current request has waited for; bounded, so that a
-    /// failing catalog login or a storm of schema changes refuses rather than stalls.
-    refresh_attempts: u8,
+    /// The schema-change count the current request waited for a catalog to include:
+    /// still missing after the wait means the refresh failed.
+    awaited_changes: Option<u64>,
     /// For each simple Query not answered yet: whether it may modify data, and so fire
     /// a rule that returns rows (see `CatalogSnapshot::reading_rule_sources`).
     simple_queries: VecDeque<bool>,
@@ -159,10 +161,6 @@ pub struct ReadGuard {
 
 /// How soon a failed read of a login's role memberships is tried again.
 const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
-
-/// Catalog refreshes one request waits for before it goes on with an out-of-date
-/// catalog, whose results restricted roles are then refused.
-const MAX_REFRESH_ATTEMPTS: u8 = 3;
 
 fn denied(sqlstate: &'static str, message: String, hint: &str) -> Box<ErrorReport> {
     Box::new(ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint))
@@ -194,7 +192,7 @@ impl ReadGuard {
             views_in_doubt: false,
             relations_in_doubt: false,
             catalog_out_of_date: false,
-            refresh_attempts: 0,
+            awaited_changes: None,
             simple_queries: VecDeque::new(),
             memberships_due: Instant::now() + MEMBERSHIP_TTL,
             memberships_epoch,
@@ -304,19 +302,24 @@ impl ReadGuard {
             }
             self.sync_protection();
             self.catalog_out_of_date = false;
-            if self.published.is_stale(&self.protection) && !self.unrestricted() {
-                if self.refresh_attempts < MAX_REFRESH_ATTEMPTS {
-                    self.refresh_attempts += 1;
-                    return Ok(Verdict::AwaitCatalog(Refresh {
-                        newer_than: self.protection.generation,
-                        unknown_relation: None,
-                    }));
+            let awaited = self.awaited_changes.take();
+            if !self.unrestricted() {
+                // Every schema change committed before this request must be in the
+                // catalog that checks it; later ones are the next request's business.
+                let needed = awaited.unwrap_or_else(|| self.published.changes());
+                if self.protection.changes_seen < needed {
+                    if awaited.is_none() {
+                        self.awaited_changes = Some(needed);
+                        return Ok(Verdict::AwaitCatalog(Refresh {
+                            newer_than: self.protection.generation,
+                            unknown_relation: None,
+                            changes_needed: needed,
+                        }));
+                    }
+                    // The refresh this request waited for failed.
+                    self.catalog_out_of_date = true;
                 }
-                // The refreshes this message waited for failed, or the schema kept
-                // changing under them.
-                self.catalog_out_of_date = true;
             }
-            self.refresh_attempts = 0;
         }
         if tag == b'Q' {
             self.simple_queries.push_back(may_modify_data(body));
@@ -594,6 +597,7 @@ impl ReadGuard {
             return Ok(Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: Some(oid),
+                changes_needed: 0,
             }));
         }
         if answers_describe {
@@ -628,6 +632,7 @@ impl ReadGuard {
             Plan::Unknown(oid) => Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: Some(oid),
+                changes_needed: 0,
             }),
             _ => Verdict::Drop,
         })

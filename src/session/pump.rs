@@ -198,7 +198,10 @@ impl Pump {
                         .map(|guard| (guard.engine().clone(), guard.database().to_string()))
                 };
                 if let Some((engine, database)) = waiting {
-                    if let Err(error) = engine.refresh(&database, refresh.newer_than).await {
+                    if let Err(error) = engine
+                        .refresh(&database, refresh.newer_than, refresh.changes_needed)
+                        .await
+                    {
                         tracing::warn!(%database, %error, "catalog refresh failed");
                     }
                 }
