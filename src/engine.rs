@@ -76,6 +76,9 @@ struct DatabaseSlot {
 /// anywhere in a database: around pgveil, in functions, in DO blocks.
 pub const SCHEMA_CHANGE_CHANNEL: &str = "pgveil_ddl";
 
+/// Notifications arriving within this interval of one another count as one change.
+const NOTIFICATION_COALESCING: Duration = Duration::from_millis(100);
+
 /// How long a lost schema-change listener waits before it connects again.
 const RELISTEN_AFTER: Duration = Duration::from_secs(5);
 
@@ -388,6 +391,17 @@ impl Engine {
                     while notifications.recv().await.is_some() {
                         debug!(%database, "schema change notified");
                         handle.schema_changed();
+                        // Any login may NOTIFY this channel: a burst, or a flood, counts
+                        // as at most one more change per interval, so it cannot force
+                        // more catalog reads than that.
+                        tokio::time::sleep(NOTIFICATION_COALESCING).await;
+                        let mut more = false;
+                        while notifications.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if more {
+                            handle.schema_changed();
+                        }
                     }
                     warn!(%database, "schema-change listener lost its connection; reconnecting");
                     drop(client);

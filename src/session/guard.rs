@@ -10,7 +10,7 @@
 //! relation, an undescribed portal or a malformed row is refused, not passed.
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,8 @@ use crate::protect::pgtypes::is_text_like;
 use crate::sqltext::{may_modify_data, runs_another_statement};
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
-    command_tag, error_is_fatal, execute_portal, scrub_report, ErrorReport, MalformedMessage,
-    Severity, TransactionStatus,
+    command_tag, error_is_fatal, execute_portal, scrub_report, BindNames, ErrorReport,
+    MalformedMessage, Parse, Severity, TransactionStatus,
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, FieldDescription, BINARY_FORMAT,
@@ -147,9 +147,6 @@ pub struct ReadGuard {
     /// The schema-change count the current request waited for a catalog to include:
     /// still missing after the wait means the refresh failed.
     awaited_changes: Option<u64>,
-    /// For each simple Query not answered yet: whether it may modify data, and so fire
-    /// a rule that returns rows (see `CatalogSnapshot::reading_rule_sources`).
-    simple_queries: VecDeque<bool>,
     /// When the login's role memberships are to be read again, and the engine's
     /// membership epoch they were read at (GRANT/REVOKE through pgveil bumps it).
     memberships_due: Instant,
@@ -157,6 +154,79 @@ pub struct ReadGuard {
     /// The last attempt to read them failed: the role cannot be trusted, so the
     /// session is treated as restricted and refused results from relations.
     memberships_unknown: bool,
+    /// What the client has sent, as far as deciding whether a portal may be described.
+    sent: SentRequests,
+}
+
+/// Most portals [`SentRequests`] remembers; past that it starts afresh (a forgotten
+/// portal is not described, so its rows are refused rather than risked).
+const MAX_REMEMBERED_PORTALS: usize = 4096;
+
+/// The client's statements and portals as it sent them (pipelined ones included, before
+/// the server confirms them), to tell whether pgveil may describe a portal before its
+/// Execute.
+///
+/// PostgreSQL 15 answers a Describe of a portal running SQL `FETCH` by looking up the
+/// cursor, and crashes the backend (signal 11, taking every session of the cluster with
+/// it) when that cursor has been closed since the Bind. So a FETCH or EXECUTE portal
+/// (or one bound from a statement pgveil has not seen) is described only when nothing
+/// ran since its Bind; otherwise it is not described and its rows are refused, which
+/// `begin_execute_result` does anyway for such a portal.
+#[derive(Default)]
+struct SentRequests {
+    /// Statement name → whether it runs another statement (`FETCH`, `EXECUTE`).
+    statements: HashMap<Vec<u8>, bool>,
+    /// Portal name → whether it runs another statement, and `executions` at its Bind.
+    portals: HashMap<Vec<u8>, (bool, u64)>,
+    /// Executing requests sent (Query, Execute, FunctionCall).
+    executions: u64,
+    /// Portals were forgotten to bound memory: an unknown portal may be one of them.
+    forgot_portals: bool,
+}
+
+impl SentRequests {
+    /// Records a client message; for an Execute, whether its portal may be described.
+    fn record(&mut self, tag: u8, body: &[u8]) -> Result<bool, GuardError> {
+        match tag {
+            b'P' => {
+                let parse = Parse::decode(body)?;
+                if self.statements.len() >= MAX_REMEMBERED_PORTALS {
+                    self.statements.clear();
+                }
+                self.statements.insert(
+                    parse.statement.to_vec(),
+                    runs_another_statement(parse.query),
+                );
+            }
+            b'B' => {
+                let names = BindNames::decode(body)?;
+                let runs_another = self
+                    .statements
+                    .get(names.statement)
+                    .copied()
+                    .unwrap_or(true);
+                if self.portals.len() >= MAX_REMEMBERED_PORTALS {
+                    self.portals.clear();
+                    self.forgot_portals = true;
+                }
+                self.portals
+                    .insert(names.portal.to_vec(), (runs_another, self.executions));
+            }
+            b'E' => {
+                let portal = execute_portal(body)?;
+                let describable = match self.portals.get(portal) {
+                    Some(&(runs_another, bound_at)) => !runs_another || bound_at == self.executions,
+                    // A cursor made by SQL DECLARE: its columns are fixed.
+                    None => !self.forgot_portals,
+                };
+                self.executions += 1;
+                return Ok(describable);
+            }
+            b'Q' | b'F' => self.executions += 1,
+            _ => {}
+        }
+        Ok(false)
+    }
 }
 
 /// How soon a failed read of a login's role memberships is tried again.
@@ -193,10 +263,10 @@ impl ReadGuard {
             relations_in_doubt: false,
             catalog_out_of_date: false,
             awaited_changes: None,
-            simple_queries: VecDeque::new(),
             memberships_due: Instant::now() + MEMBERSHIP_TTL,
             memberships_epoch,
             memberships_unknown: false,
+            sent: SentRequests::default(),
         }
     }
 
@@ -321,15 +391,16 @@ impl ReadGuard {
                 }
             }
         }
-        if tag == b'Q' {
-            self.simple_queries.push_back(may_modify_data(body));
-        }
+        let describable = self.sent.record(tag, body)?;
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
             // ran, may not match the rows: search_path, views and cursors can change in
             // between. The portal's own description, taken right before it runs, is
             // what its rows follow.
-            return Ok(Verdict::DescribeFirst(execute_portal(body)?.to_vec()));
+            if describable {
+                return Ok(Verdict::DescribeFirst(execute_portal(body)?.to_vec()));
+            }
+            // Not described: its rows are refused (see `begin_execute_result`).
         }
         Ok(Verdict::Forward)
     }
@@ -342,9 +413,6 @@ impl ReadGuard {
         body: &[u8],
     ) -> Result<Verdict, GuardError> {
         let verdict = self.decide(state, tag, body)?;
-        if tag == b'Z' && state.next_expected() == Some(&Expected::SimpleQuery) {
-            self.simple_queries.pop_front();
-        }
         if verdict == Verdict::Forward && matches!(tag, b'E' | b'N') && !self.unrestricted() {
             // "Key (id_card)=(…) already exists", "invalid input syntax for type
             // integer: "…"": errors quote the values they tripped on.
@@ -571,6 +639,9 @@ impl ReadGuard {
         body: &[u8],
     ) -> Result<Verdict, GuardError> {
         self.sync_protection();
+        // Whether a simple query may modify data, and so fire a rule that returns rows
+        // (see `CatalogSnapshot::reading_rule_sources`).
+        let mut modifies = false;
         let answers_describe = match state.next_expected() {
             Some(Expected::PortalDescription { internal: true, .. }) => {
                 return self.on_internal_description(body);
@@ -578,7 +649,12 @@ impl ReadGuard {
             Some(Expected::StatementDescription { .. } | Expected::PortalDescription { .. }) => {
                 true
             }
-            Some(Expected::SimpleQuery) => false,
+            Some(Expected::SimpleQuery {
+                modifies: may_modify,
+            }) => {
+                modifies = *may_modify;
+                false
+            }
             // The session state reports the desync.
             _ => return Ok(Verdict::Forward),
         };
@@ -591,7 +667,6 @@ impl ReadGuard {
         let columns = decode_row_description(body)?;
         // A Describe is answered before anything runs; the rows are checked again
         // when they come, with what the statement may fire.
-        let modifies = !answers_describe && self.simple_queries.front().copied().unwrap_or(true);
         let plan = self.plan(&columns, modifies);
         if let Plan::Unknown(oid) = plan {
             return Ok(Verdict::AwaitCatalog(Refresh {

@@ -82,7 +82,11 @@ pub struct Shared {
 impl Shared {
     pub fn new(guard: Option<ReadGuard>) -> Self {
         Shared {
-            state: SessionState::new(),
+            state: if guard.is_some() {
+                SessionState::tracking_modifications()
+            } else {
+                SessionState::new()
+            },
             guard,
         }
     }

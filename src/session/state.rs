@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::sqltext::may_modify_data;
 use crate::wire::messages::{
     command_tag, execute_portal, BindNames, MalformedMessage, Parse, Target, TargetName,
     TransactionStatus,
@@ -102,8 +103,10 @@ pub enum Expected {
     CloseComplete { target: Target, name: Bytes },
     /// Sync → ReadyForQuery.
     SyncReady,
-    /// Query → any number of results, then ReadyForQuery.
-    SimpleQuery,
+    /// Query → any number of results, then ReadyForQuery. `modifies`: its text may run
+    /// a data-modifying command (see `sqltext::may_modify_data`; only worked out when
+    /// the session has a read guard).
+    SimpleQuery { modifies: bool },
     /// FunctionCall → FunctionCallResponse, then ReadyForQuery.
     FunctionCallResult,
     /// Not a response: the client sent CopyDone or CopyFail here, before the server
@@ -159,11 +162,22 @@ pub struct SessionState {
     copy_in_open: bool,
     /// Executing requests (Query, Execute, FunctionCall) the client has sent.
     executions_sent: u64,
+    /// Work out for each simple Query whether it may modify data.
+    track_modifications: bool,
 }
 
 impl SessionState {
     pub fn new() -> Self {
         SessionState::default()
+    }
+
+    /// A session state that notes, for each simple Query, whether it may modify data
+    /// (the read guard needs it for rows returned by rules).
+    pub fn tracking_modifications() -> Self {
+        SessionState {
+            track_modifications: true,
+            ..SessionState::default()
+        }
     }
 
     pub fn transaction_status(&self) -> TransactionStatus {
@@ -246,7 +260,8 @@ impl SessionState {
         match tag {
             b'Q' => {
                 self.executions_sent += 1;
-                self.push_expected(Expected::SimpleQuery);
+                let modifies = self.track_modifications && may_modify_data(body);
+                self.push_expected(Expected::SimpleQuery { modifies });
             }
             b'P' => {
                 let parse = Parse::decode(body)?;
@@ -403,7 +418,7 @@ impl SessionState {
                     }
                 }
                 // Starts a result set of a simple query.
-                Some(Expected::SimpleQuery) => {}
+                Some(Expected::SimpleQuery { .. }) => {}
                 _ => return Err(self.desync(tag)),
             },
             b'n' => {
@@ -431,7 +446,7 @@ impl SessionState {
                             }
                         }
                     }
-                    Some(Expected::SimpleQuery) => {}
+                    Some(Expected::SimpleQuery { .. }) => {}
                     _ => return Err(self.desync(tag)),
                 }
             }
@@ -447,7 +462,7 @@ impl SessionState {
                 match self.front() {
                     // A simple query or function call still ends with ReadyForQuery; an
                     // error with nothing pending is asynchronous (e.g. FATAL shutdown).
-                    None | Some(Expected::SimpleQuery | Expected::FunctionCallResult) => {}
+                    None | Some(Expected::SimpleQuery { .. } | Expected::FunctionCallResult) => {}
                     Some(_) => {
                         // Extended protocol: the backend skips everything up to Sync.
                         while let Some(front) = self.pending.front() {
@@ -469,10 +484,12 @@ impl SessionState {
                 let answered = self.pop_matching(tag, |e| {
                     matches!(
                         e,
-                        Expected::SyncReady | Expected::SimpleQuery | Expected::FunctionCallResult
+                        Expected::SyncReady
+                            | Expected::SimpleQuery { .. }
+                            | Expected::FunctionCallResult
                     )
                 })?;
-                if answered == Expected::SimpleQuery {
+                if matches!(answered, Expected::SimpleQuery { .. }) {
                     // A simple Query destroys the unnamed statement and portal.
                     self.statements.remove(&b""[..]);
                     self.portals.remove(&b""[..]);
@@ -521,7 +538,7 @@ impl SessionState {
     fn begin_copy_in(&mut self) -> Result<(), StateError> {
         if !matches!(
             self.front(),
-            Some(Expected::SimpleQuery | Expected::ExecuteResult { .. })
+            Some(Expected::SimpleQuery { .. } | Expected::ExecuteResult { .. })
         ) {
             return Err(self.desync(b'G'));
         }
@@ -681,7 +698,10 @@ mod tests {
         state.on_server_message(b'T', b"").unwrap();
         state.on_server_message(b'C', b"SELECT 1\0").unwrap();
         state.on_server_message(b'E', b"SERROR\0\0").unwrap();
-        assert_eq!(state.pending().front(), Some(&Expected::SimpleQuery));
+        assert_eq!(
+            state.pending().front(),
+            Some(&Expected::SimpleQuery { modifies: false })
+        );
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
     }

@@ -156,10 +156,35 @@ pub fn error_is_fatal(body: &[u8]) -> bool {
 /// query with its position.
 const VALUE_BEARING_FIELDS: &[u8] = b"DWqp";
 
+/// SQLSTATEs of failed lookups by name whose message quotes the name looked up, which
+/// can be a value cast to a reg* type or passed to `nextval`, `current_setting` or a
+/// file function (`relation "13812345678" does not exist`).
+const LOOKUP_FAILURES: &[&[u8]] = &[b"42P01", b"42704", b"42883", b"3F000", b"58P01"];
+
+/// A message with everything from its first double quote to its last replaced by
+/// `"…"`. First to last, because PostgreSQL does not escape quotes inside the names it
+/// quotes.
+fn mask_quoted(message: &[u8]) -> Vec<u8> {
+    let first = message.iter().position(|&b| b == b'"');
+    let last = message.iter().rposition(|&b| b == b'"');
+    match (first, last) {
+        (Some(first), Some(last)) => {
+            let mut out = message[..first].to_vec();
+            out.extend_from_slice("\"…\"".as_bytes());
+            if last > first {
+                out.extend_from_slice(&message[last + 1..]);
+            }
+            out
+        }
+        _ => message.to_vec(),
+    }
+}
+
 /// An ErrorResponse or NoticeResponse body for a client that may not see every stored
-/// value: without the fields that quote values, and, for SQLSTATE class 22 (data
-/// exceptions such as `invalid input syntax for type integer: "…"`), with the message
-/// replaced. `None` when nothing needed to change.
+/// value: without the fields that quote values; for SQLSTATE class 22 (data exceptions
+/// such as `invalid input syntax for type integer: "…"`) with the message replaced; for
+/// failed lookups by name (see `LOOKUP_FAILURES`) with the quoted name masked. `None`
+/// when nothing needed to change.
 pub fn scrub_report(body: &[u8]) -> Result<Option<Vec<u8>>, MalformedMessage> {
     let malformed_field = || malformed("ErrorResponse", "field");
     let mut fields: Vec<(u8, &[u8])> = Vec::new();
@@ -178,9 +203,10 @@ pub fn scrub_report(body: &[u8]) -> Result<Option<Vec<u8>>, MalformedMessage> {
         .map(|(_, value)| *value)
         .unwrap_or_default();
     let data_exception = sqlstate.starts_with(b"22");
-    let changes = fields
-        .iter()
-        .any(|(code, _)| VALUE_BEARING_FIELDS.contains(code) || (data_exception && *code == b'M'));
+    let lookup_failure = LOOKUP_FAILURES.contains(&sqlstate);
+    let changes = fields.iter().any(|(code, _)| {
+        VALUE_BEARING_FIELDS.contains(code) || ((data_exception || lookup_failure) && *code == b'M')
+    });
     if !changes {
         return Ok(None);
     }
@@ -196,6 +222,8 @@ pub fn scrub_report(body: &[u8]) -> Result<Option<Vec<u8>>, MalformedMessage> {
         out.push(code);
         if data_exception && code == b'M' {
             out.extend_from_slice(replacement.as_bytes());
+        } else if lookup_failure && code == b'M' {
+            out.extend_from_slice(&mask_quoted(value));
         } else {
             out.extend_from_slice(value);
         }
@@ -501,8 +529,21 @@ mod scrub_tests {
     }
 
     #[test]
+    fn masks_the_name_a_failed_lookup_quotes() {
+        let original = body(&[
+            (b'C', "42P01"),
+            (b'M', "relation \"138\"12345678\" does not exist"),
+        ]);
+        let scrubbed = scrub_report(&original).unwrap().unwrap();
+        assert_eq!(
+            scrubbed,
+            body(&[(b'C', "42P01"), (b'M', "relation \"…\" does not exist")])
+        );
+    }
+
+    #[test]
     fn leaves_harmless_reports_alone_and_refuses_broken_ones() {
-        let harmless = body(&[(b'C', "42P01"), (b'M', "relation \"x\" does not exist")]);
+        let harmless = body(&[(b'C', "42601"), (b'M', "syntax error at or near \"selec\"")]);
         assert_eq!(scrub_report(&harmless), Ok(None));
         assert!(scrub_report(b"Cunterminated").is_err());
     }
