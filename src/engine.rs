@@ -198,6 +198,17 @@ impl Engine {
         read(&self.policy)
     }
 
+    /// Whether sessions can be protected now: with a fixed `catalog.database`, its
+    /// catalog has been loaded; otherwise catalogs load per database on first use.
+    pub fn readiness(&self) -> Result<(), String> {
+        match &self.login.database {
+            Some(database) if self.current(database).is_none() => Err(format!(
+                "the catalog of database {database} is not loaded yet"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The database pgveil reads the catalog of for a client connected to `database`.
     pub fn catalog_database<'a>(&'a self, database: &'a str) -> &'a str {
         self.login.database.as_deref().unwrap_or(database)

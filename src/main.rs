@@ -194,9 +194,6 @@ fn run(args: RunArgs) -> Result<()> {
              refusing to start rather than leave accesses unrecorded"
         );
     }
-    if let Some(admin) = config.admin {
-        warn!(%admin, "the admin HTTP endpoint is not available in this build; ignoring `admin`");
-    }
     pgveil::server::run(config)?;
     Ok(())
 }

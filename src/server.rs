@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
+use crate::observe;
 use crate::session::{serve_client, ProxyContext, UpstreamTls};
 use crate::tls::{self, TlsError};
 
@@ -76,6 +77,38 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
     Ok(ProxyContext::new(config, client_tls, upstream_tls, engine))
 }
 
+/// Binds the admin endpoint up front, so a busy port stops start-up with a clear error.
+fn bind_admin(address: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    let listen_failed = |error| ServerError::Listen {
+        address: format!("admin {address}"),
+        error,
+    };
+    let listener = std::net::TcpListener::bind(address).map_err(listen_failed)?;
+    listener.set_nonblocking(true).map_err(listen_failed)?;
+    info!(%address, "admin endpoint listening: /metrics /healthz /readyz");
+    Ok(listener)
+}
+
+/// What `/readyz` reports: the policy's catalog is loaded (when one is configured) and
+/// the upstream server accepts TCP connections.
+async fn readiness(ctx: &ProxyContext) -> Result<(), String> {
+    if let Some(engine) = &ctx.engine {
+        engine.readiness()?;
+    }
+    let upstream = (ctx.config.upstream.host.as_str(), ctx.config.upstream.port);
+    match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(upstream)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!(
+            "upstream {}:{} is unreachable: {error}",
+            upstream.0, upstream.1
+        )),
+        Err(_) => Err(format!(
+            "upstream {}:{} did not accept a connection within 2 s",
+            upstream.0, upstream.1
+        )),
+    }
+}
+
 /// Raises the soft open-file limit to the hard limit: each session holds two
 /// descriptors (client and upstream), and connections still starting hold one more.
 fn raise_open_file_limit(max_connections: usize) {
@@ -127,10 +160,25 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
+    let admin = match ctx.config.admin {
+        Some(address) => Some(bind_admin(address)?),
+        None => None,
+    };
     let result = acceptor.block_on(async {
         if let Some(engine) = &ctx.engine {
             engine.check_startup().await?;
             tokio::spawn(maintain_policy(engine.clone()));
+        }
+        if let Some(admin) = admin {
+            let listener = TcpListener::from_std(admin).map_err(|error| ServerError::Listen {
+                address: format!("admin {:?}", ctx.config.admin),
+                error,
+            })?;
+            let ready_ctx = ctx.clone();
+            tokio::spawn(observe::http::serve(listener, move || {
+                let ctx = ready_ctx.clone();
+                async move { readiness(&ctx).await }
+            }));
         }
         accept_until_shutdown(&ctx, &workers).await
     });
@@ -350,8 +398,13 @@ async fn maintain_policy(engine: Arc<Engine>) {
             }
         };
         if reload {
-            if let Err(error) = engine.reload_policy().await {
-                error!("policy reload failed; the running policy stays in force: {error}");
+            let reloads = &observe::metrics().policy_reloads_total;
+            match engine.reload_policy().await {
+                Ok(()) => reloads.with_label_values(&["ok"]).inc(),
+                Err(error) => {
+                    reloads.with_label_values(&["error"]).inc();
+                    error!("policy reload failed; the running policy stays in force: {error}");
+                }
             }
         }
     }

@@ -481,6 +481,11 @@ impl Policy {
     }
 
     /// `schema.table.column` of a protected column, as messages name it.
+    /// `schema.table` of a protected column.
+    pub fn table_label(&self, column: ColumnId) -> String {
+        self.tables[self.columns[column].table].qualified()
+    }
+
     pub fn column_label(&self, column: ColumnId) -> String {
         let column = &self.columns[column];
         format!("{}.{}", self.tables[column.table].qualified(), column.name)

@@ -20,6 +20,7 @@ use tracing::{debug, info};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
+use crate::observe::{metrics, DenyReason};
 use crate::policy::{Action, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
@@ -105,14 +106,14 @@ enum ResultState {
     },
     /// The statement is refused: drop its messages, then send this error in place of
     /// its completion.
-    Denied(Box<ErrorReport>),
+    Denied(Box<Refusal>),
 }
 
 /// The outcome of checking a row description against the policy.
 enum Plan {
     Pass,
     Shape(Shaping),
-    Deny(Box<ErrorReport>),
+    Deny(Box<Refusal>),
     /// A column comes from a relation the catalog does not know: refresh first.
     Unknown(u32),
 }
@@ -232,8 +233,29 @@ impl SentRequests {
 /// How soon a failed read of a login's role memberships is tried again.
 const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 
-fn denied(sqlstate: &'static str, message: String, hint: &str) -> Box<ErrorReport> {
-    Box::new(ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint))
+/// The `table` label of refusals that concern no one policy table.
+const UNKNOWN_TABLE: &str = "unknown";
+
+/// A refusal: the error the client gets, and how it is counted.
+#[derive(Debug)]
+struct Refusal {
+    report: ErrorReport,
+    reason: DenyReason,
+    table: String,
+}
+
+fn denied(
+    reason: DenyReason,
+    table: String,
+    sqlstate: &'static str,
+    message: String,
+    hint: &str,
+) -> Box<Refusal> {
+    Box::new(Refusal {
+        report: ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint),
+        reason,
+        table,
+    })
 }
 
 impl ReadGuard {
@@ -433,6 +455,7 @@ impl ReadGuard {
     ) -> Result<Verdict, GuardError> {
         if tag == b'W' && !self.unrestricted() {
             // Replication and COPY BOTH streams carry row data pgveil cannot take apart.
+            metrics().denied(self.role_name(), DenyReason::ExportDenied, UNKNOWN_TABLE);
             return Err(GuardError::Refused(Box::new(
                 ErrorReport::new(
                     Severity::Fatal,
@@ -478,6 +501,8 @@ impl ReadGuard {
                 self.begin_execute_result(state)?;
                 if tag == b'H' && !self.unrestricted() {
                     self.result = ResultState::Denied(denied(
+                        DenyReason::ExportDenied,
+                        UNKNOWN_TABLE.to_string(),
                         "42501",
                         format!(
                             "pgveil: COPY ... TO is refused for role {}, which may not see every protected column in plaintext",
@@ -502,7 +527,7 @@ impl ReadGuard {
                         // What the client sees instead of the statement's completion; the
                         // rest up to ReadyForQuery is skipped like after a real error.
                         self.draining = true;
-                        Ok(Verdict::Replace(report.encode()))
+                        Ok(Verdict::Replace(self.refuse(&report)))
                     }
                     _ => Ok(Verdict::Forward),
                 }
@@ -606,6 +631,8 @@ impl ReadGuard {
             // whatever ran since Bind may have replaced it, so the description taken
             // at Bind says nothing about the rows.
             self.result = ResultState::Denied(denied(
+                DenyReason::Unparseable,
+                UNKNOWN_TABLE.to_string(),
                 "42501",
                 format!(
                     "pgveil: portal \"{}\" runs a FETCH or EXECUTE whose cursor or prepared statement may have changed since its Bind (role {})",
@@ -680,7 +707,7 @@ impl ReadGuard {
             return Ok(match plan {
                 Plan::Deny(report) => {
                     self.draining = true;
-                    Verdict::Replace(report.encode())
+                    Verdict::Replace(self.refuse(&report))
                 }
                 _ => Verdict::Forward,
             });
@@ -723,6 +750,8 @@ impl ReadGuard {
             }
             ResultState::Undescribed { portal } => {
                 let report = denied(
+                    DenyReason::Unparseable,
+                    UNKNOWN_TABLE.to_string(),
                     "42501",
                     format!(
                         "pgveil: rows arrived for portal \"{portal}\", whose columns pgveil never saw described (role {})",
@@ -735,6 +764,8 @@ impl ReadGuard {
             }
             ResultState::NoRows { portal } => {
                 let report = denied(
+                    DenyReason::Unparseable,
+                    UNKNOWN_TABLE.to_string(),
                     "42501",
                     format!(
                         "pgveil: rows arrived for portal \"{portal}\", which was described as returning none (role {})",
@@ -749,12 +780,20 @@ impl ReadGuard {
         }
     }
 
+    /// Counts a refusal and encodes the error the client gets for it.
+    fn refuse(&self, refusal: &Refusal) -> Vec<u8> {
+        metrics().denied(self.role_name(), refusal.reason, &refusal.table);
+        refusal.report.encode()
+    }
+
     /// A refusal when what the catalog says about the column's relation may be out of
     /// date: after a failed re-read, or after DDL in the open transaction.
-    fn in_doubt(&self, field: &FieldDescription) -> Option<Box<ErrorReport>> {
+    fn in_doubt(&self, field: &FieldDescription) -> Option<Box<Refusal>> {
         let column = String::from_utf8_lossy(&field.name);
         if self.memberships_unknown {
             return Some(denied(
+                DenyReason::Unparseable,
+                UNKNOWN_TABLE.to_string(),
                 "42501",
                 format!(
                     "pgveil: the role memberships of login {} could not be read again, so column \"{column}\" cannot be checked",
@@ -765,6 +804,8 @@ impl ReadGuard {
         }
         if self.catalog_out_of_date {
             return Some(denied(
+                DenyReason::Unparseable,
+                UNKNOWN_TABLE.to_string(),
                 "42501",
                 format!(
                     "pgveil: the catalog could not be read again after a schema change, so column \"{column}\" (relation OID {}) cannot be checked (role {})",
@@ -777,6 +818,8 @@ impl ReadGuard {
         let view = self.protection.catalog.is_view(field.table_oid);
         if self.relations_in_doubt || (self.views_in_doubt && view) {
             return Some(denied(
+                DenyReason::Unparseable,
+                UNKNOWN_TABLE.to_string(),
                 "42501",
                 format!(
                     "pgveil: column \"{column}\" comes from relation OID {}, which a schema change earlier in this transaction may have redefined (role {})",
@@ -789,8 +832,10 @@ impl ReadGuard {
         None
     }
 
-    fn unknown_relation(&self, oid: u32) -> Box<ErrorReport> {
+    fn unknown_relation(&self, oid: u32) -> Box<Refusal> {
         denied(
+            DenyReason::Unparseable,
+            UNKNOWN_TABLE.to_string(),
             "42501",
             format!(
                 "pgveil: a result column comes from relation OID {oid}, which pgveil's catalog does not know (role {})",
@@ -840,6 +885,8 @@ impl ReadGuard {
                 ColumnSource::Protected(column) => match policy.action(self.role, *column) {
                     Action::Deny => {
                         return Plan::Deny(denied(
+                            DenyReason::ColumnDenied,
+                            policy.table_label(*column),
                             "42501",
                             format!(
                                 "pgveil: permission denied for column {} (role {})",
@@ -861,6 +908,8 @@ impl ReadGuard {
                         Some((_, Action::Redact)) => Action::Redact,
                         Some((id, Action::Deny)) => {
                             return Plan::Deny(denied(
+                                DenyReason::DerivedExpression,
+                                policy.table_label(id),
                                 "42501",
                                 format!(
                                     "pgveil: permission denied for column \"{column_name}\", computed from {} (role {})",
@@ -875,6 +924,8 @@ impl ReadGuard {
                             // substring or a concatenation could reveal what the column's
                             // own mask hides.
                             return Plan::Deny(denied(
+                                DenyReason::DerivedExpression,
+                                policy.table_label(id),
                                 "42501",
                                 format!(
                                     "pgveil: column \"{column_name}\" is computed from {}, which role {} may only see masked",
@@ -893,6 +944,8 @@ impl ReadGuard {
                 Action::Mask(mask) => {
                     if field.format == BINARY_FORMAT && !is_text_like(field.type_oid) {
                         return Plan::Deny(denied(
+                            DenyReason::UnsupportedOnEncrypted,
+                            source_table(policy, source),
                             "0A000",
                             format!(
                                 "pgveil: cannot mask column \"{column_name}\" in binary format (type OID {}, role {})",
@@ -915,6 +968,16 @@ impl ReadGuard {
             columns: treatments,
             hash_key: self.protection.hash_key.clone(),
         })
+    }
+}
+
+/// The `table` label for a refusal about a column with this source.
+fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String {
+    match source {
+        ColumnSource::Protected(column) => policy.table_label(*column),
+        ColumnSource::Derived(columns) => columns
+            .first()
+            .map_or_else(|| UNKNOWN_TABLE.to_string(), |&id| policy.table_label(id)),
     }
 }
 

@@ -285,6 +285,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 let _ = send_report(&mut client.conn, &report).await;
                 return;
             };
+            let _open = OpenConnection::new();
             let user = startup
                 .parameter(b"user")
                 .map(|u| String::from_utf8_lossy(u).into_owned())
@@ -296,6 +297,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     Ok(None) => return,
                     Err(error) => {
                         info!(%peer, %user, %error, "session refused");
+                        count_upstream_error(&error);
                         tell_client(&mut client.conn, &error).await;
                         return;
                     }
@@ -329,9 +331,45 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
             .await
             {
                 None => debug!(%peer, %user, "session ended"),
-                Some(error) => info!(%peer, %user, %error, "session ended with an error"),
+                Some(error) => {
+                    count_upstream_error(&error);
+                    info!(%peer, %user, %error, "session ended with an error")
+                }
             }
         }
+    }
+}
+
+/// An admitted client session, counted in `pgveil_client_connections` while it lives
+/// and in `pgveil_connections_total` once.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        let metrics = crate::observe::metrics();
+        metrics.connections_total.inc();
+        metrics.client_connections.inc();
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        crate::observe::metrics().client_connections.dec();
+    }
+}
+
+/// Counts a session failure caused by the upstream server.
+fn count_upstream_error(error: &SessionError) {
+    if matches!(
+        error,
+        SessionError::UpstreamUnreachable { .. }
+            | SessionError::UpstreamTls { .. }
+            | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamClosed
+            | SessionError::UpstreamProtocol(_)
+    ) {
+        crate::observe::metrics().upstream_errors_total.inc();
     }
 }
 

@@ -1,0 +1,228 @@
+//! The process's Prometheus metrics, with exactly the names, types and labels of
+//! SPEC.md, registered once and shared by every thread.
+//!
+//! Counters on the hot path are resolved to their label set once (when a session or a
+//! plan is made) and then only incremented.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Why a statement was refused, as the `reason` label of `pgveil_denied_queries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A column whose action for the role is `deny`.
+    ColumnDenied,
+    /// A value computed from protected columns the role may not see in plaintext.
+    DerivedExpression,
+    /// COPY … TO, or a replication stream.
+    ExportDenied,
+    /// pgveil could not work out what the statement reads (a relation its catalog does
+    /// not know, a portal it never saw described, DDL not yet committed, …).
+    Unparseable,
+    /// An operation pgveil cannot apply correctly (a mask on a binary non-text value).
+    UnsupportedOnEncrypted,
+}
+
+impl DenyReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DenyReason::ColumnDenied => "column_denied",
+            DenyReason::DerivedExpression => "derived_expression",
+            DenyReason::ExportDenied => "export_denied",
+            DenyReason::Unparseable => "unparseable",
+            DenyReason::UnsupportedOnEncrypted => "unsupported_on_encrypted",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub client_connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub queries_total: IntCounterVec,
+    pub denied_queries_total: IntCounterVec,
+    pub protected_values_total: IntCounterVec,
+    pub encrypted_values_total: IntCounter,
+    pub decrypted_values_total: IntCounter,
+    pub decrypt_failures_total: IntCounterVec,
+    pub query_duration_seconds: HistogramVec,
+    pub policy_reloads_total: IntCounterVec,
+    pub upstream_errors_total: IntCounter,
+}
+
+/// The metrics of this process.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        // Registration fails only for a duplicate or malformed name, which these fixed
+        // names are not; a failure would show as a metric missing from /metrics.
+        fn register<C: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            collector: C,
+        ) -> C {
+            if let Err(error) = registry.register(Box::new(collector.clone())) {
+                tracing::error!(%error, "metric registration failed");
+            }
+            collector
+        }
+        let counter = |name: &str, help: &str| {
+            register(
+                &registry,
+                IntCounter::new(name, help).unwrap_or_else(|_| unreachable_metric(name)),
+            )
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels)
+                    .unwrap_or_else(|_| unreachable_metric(name)),
+            )
+        };
+        let client_connections = register(
+            &registry,
+            IntGauge::new("pgveil_client_connections", "Client sessions open now")
+                .unwrap_or_else(|_| unreachable_metric("pgveil_client_connections")),
+        );
+        let query_duration_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "pgveil_query_duration_seconds",
+                    "Time from a statement's request to its completion, as seen by pgveil",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+                &["kind"],
+            )
+            .unwrap_or_else(|_| unreachable_metric("pgveil_query_duration_seconds")),
+        );
+        Metrics {
+            client_connections,
+            connections_total: counter("pgveil_connections_total", "Client connections accepted"),
+            queries_total: counter_vec(
+                "pgveil_queries_total",
+                "Statements completed, by policy role and kind",
+                &["role", "kind"],
+            ),
+            denied_queries_total: counter_vec(
+                "pgveil_denied_queries_total",
+                "Statements pgveil refused, by policy role, reason and table",
+                &["role", "reason", "table"],
+            ),
+            protected_values_total: counter_vec(
+                "pgveil_protected_values_total",
+                "Values of protected columns served, by policy role, table, column and action",
+                &["role", "table", "column", "action"],
+            ),
+            encrypted_values_total: counter(
+                "pgveil_encrypted_values_total",
+                "Values pgveil encrypted",
+            ),
+            decrypted_values_total: counter(
+                "pgveil_decrypted_values_total",
+                "Values pgveil decrypted",
+            ),
+            decrypt_failures_total: counter_vec(
+                "pgveil_decrypt_failures_total",
+                "Ciphertexts that failed authentication or named an unknown key",
+                &["table", "column"],
+            ),
+            query_duration_seconds,
+            policy_reloads_total: counter_vec(
+                "pgveil_policy_reloads_total",
+                "Policy reloads, by result",
+                &["result"],
+            ),
+            upstream_errors_total: counter(
+                "pgveil_upstream_errors_total",
+                "Sessions that failed because of the upstream server (unreachable, TLS, lost, invalid messages)",
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Counts a refusal.
+    pub fn denied(&self, role: &str, reason: DenyReason, table: &str) {
+        self.denied_queries_total
+            .with_label_values(&[role, reason.label(), table])
+            .inc();
+    }
+}
+
+/// Metric names and options above are constants that construction cannot reject.
+fn unreachable_metric(name: &str) -> ! {
+    panic!("metric {name} has an invalid definition")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_of_the_spec_is_exposed() {
+        let metrics = metrics();
+        metrics.denied("default", DenyReason::ColumnDenied, "public.customers");
+        metrics
+            .policy_reloads_total
+            .with_label_values(&["ok"])
+            .inc();
+        metrics
+            .queries_total
+            .with_label_values(&["default", "select"])
+            .inc();
+        metrics
+            .protected_values_total
+            .with_label_values(&["default", "public.customers", "phone", "mask"])
+            .inc();
+        metrics
+            .decrypt_failures_total
+            .with_label_values(&["public.customers", "phone"])
+            .inc();
+        metrics
+            .query_duration_seconds
+            .with_label_values(&["select"])
+            .observe(0.001);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for (name, kind) in [
+            ("pgveil_client_connections", "gauge"),
+            ("pgveil_connections_total", "counter"),
+            ("pgveil_queries_total", "counter"),
+            ("pgveil_denied_queries_total", "counter"),
+            ("pgveil_protected_values_total", "counter"),
+            ("pgveil_encrypted_values_total", "counter"),
+            ("pgveil_decrypted_values_total", "counter"),
+            ("pgveil_decrypt_failures_total", "counter"),
+            ("pgveil_query_duration_seconds", "histogram"),
+            ("pgveil_policy_reloads_total", "counter"),
+            ("pgveil_upstream_errors_total", "counter"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} {kind} missing:\n{text}"
+            );
+        }
+        assert!(text.contains(
+            "pgveil_denied_queries_total{reason=\"column_denied\",role=\"default\",table=\"public.customers\"}"
+        ));
+    }
+}

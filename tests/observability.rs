@@ -1,0 +1,252 @@
+//! The admin endpoint of a real `pgveil run`: `/healthz`, `/readyz` (ready, and not ready
+//! when the upstream server is gone), `/metrics` with the counters of SPEC.md moving
+//! as denials, connections, reloads and upstream failures happen.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::{cluster, eventually, free_port, sqlstate, Proxy, ProxyOptions};
+
+const PHONE: &str = "13812345678";
+
+const SCHEMA: &str = "
+CREATE ROLE pgveil_catalog LOGIN;
+CREATE ROLE clerk LOGIN;
+CREATE TABLE customers (id int PRIMARY KEY, phone text, id_card text);
+INSERT INTO customers VALUES (1, '13812345678', '110105199001011234');
+CREATE VIEW customer_digits AS SELECT id, phone || '' AS phone_text FROM customers;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;
+";
+
+const POLICY: &str = "
+version: 1
+tables:
+  public.customers:
+    columns:
+      phone:   { level: L3, mask: cn_mobile }
+      id_card: { level: L4, mask: cn_id_card }
+";
+
+static SCHEMA_READY: OnceLock<()> = OnceLock::new();
+
+/// pgveil with the policy and an admin endpoint; the proxy, its admin port and the
+/// policy file.
+fn proxy_with_admin(options: ProxyOptions, policy: bool) -> (Proxy, u16, PathBuf) {
+    SCHEMA_READY.get_or_init(|| {
+        cluster().psql_ok("postgres", SCHEMA);
+    });
+    let dir = cluster().dir.join(format!("observe-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, POLICY).expect("write policy");
+    let admin = free_port();
+    let mut extra_yaml = format!("admin: 127.0.0.1:{admin}\n");
+    if policy {
+        extra_yaml.push_str(&format!(
+            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
+            path.display()
+        ));
+    }
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_yaml,
+        ..options
+    });
+    (proxy, admin, path)
+}
+
+/// One raw HTTP exchange: the status code and the body.
+fn http(port: u16, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect admin");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    http(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: pgveil\r\n\r\n"),
+    )
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), or 0.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_and_bad_requests_get_clear_statuses() {
+    let (_proxy, admin, _) = proxy_with_admin(ProxyOptions::default(), true);
+    assert_eq!(get(admin, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(admin, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(get(admin, "/nothing").0, 404);
+    assert_eq!(
+        http(admin, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").0,
+        405
+    );
+    assert_eq!(http(admin, "\u{1}\u{2} nonsense\r\n\r\n").0, 400);
+    // A client that sends half a request and goes away harms nothing.
+    drop(TcpStream::connect(("127.0.0.1", admin)).map(|mut s| s.write_all(b"GET /met")));
+    assert_eq!(get(admin, "/healthz").0, 200);
+}
+
+#[tokio::test]
+async fn readiness_fails_with_a_reason_when_the_upstream_server_is_unreachable() {
+    let (proxy, admin, _) = proxy_with_admin(
+        ProxyOptions {
+            upstream_port: Some(free_port()),
+            ..ProxyOptions::default()
+        },
+        false,
+    );
+    let (status, body) = get(admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    assert_eq!(get(admin, "/healthz").0, 200);
+
+    // A client that cannot be served counts as an upstream error.
+    let failed = proxy.try_connect("clerk", None).await;
+    assert!(failed.is_err());
+    let metrics = get(admin, "/metrics").1;
+    assert_eq!(
+        sample(&metrics, "pgveil_upstream_errors_total"),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn denials_are_counted_by_role_reason_and_table() {
+    let (proxy, admin, _) = proxy_with_admin(ProxyOptions::default(), true);
+    let clerk = proxy.connect("clerk").await;
+    // L4 defaults to deny: column_denied.
+    for _ in 0..2 {
+        let error = clerk
+            .simple_query("SELECT id_card FROM customers")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&error), "42501");
+    }
+    // A view column computed from a masked column: derived_expression.
+    let error = clerk
+        .query("SELECT phone_text FROM customer_digits", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501");
+    // COPY TO: export_denied.
+    let error = clerk
+        .simple_query("COPY customers TO STDOUT")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501");
+    // A masked read is no denial.
+    let rows = clerk
+        .query_one("SELECT phone FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, String>(0), "138****5678");
+
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let denied = |reason: &str, table: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "pgveil_denied_queries_total{{reason=\"{reason}\",role=\"default\",table=\"{table}\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        denied("column_denied", "public.customers"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        denied("derived_expression", "public.customers"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(denied("export_denied", "unknown"), 1.0, "{metrics}");
+    assert!(!metrics.contains(PHONE) && !metrics.contains("110105"));
+    // CI lints this exposition with `promtool check metrics` (see .ci/run).
+    let exposition = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pgveil-metrics.prom");
+    std::fs::write(&exposition, &metrics).expect("write the exposition for promtool");
+}
+
+#[tokio::test]
+async fn connections_and_policy_reloads_are_counted() {
+    let (proxy, admin, path) = proxy_with_admin(ProxyOptions::default(), true);
+    let first = proxy.connect("clerk").await;
+    let second = proxy.connect("clerk").await;
+    first.simple_query("SELECT 1").await.unwrap();
+    second.simple_query("SELECT 1").await.unwrap();
+    let metrics = get(admin, "/metrics").1;
+    assert_eq!(
+        sample(&metrics, "pgveil_client_connections"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "pgveil_connections_total"),
+        2.0,
+        "{metrics}"
+    );
+    drop(first);
+    drop(second);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sample(&get(admin, "/metrics").1, "pgveil_client_connections") == 0.0
+        })
+        .await
+    );
+
+    std::fs::write(&path, POLICY.replace("cn_mobile", "cn_mobil")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sample(
+                &get(admin, "/metrics").1,
+                "pgveil_policy_reloads_total{result=\"error\"}",
+            ) == 1.0
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    std::fs::write(&path, POLICY.replace("L3", "L2")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sample(
+                &get(admin, "/metrics").1,
+                "pgveil_policy_reloads_total{result=\"ok\"}",
+            ) == 1.0
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+}
