@@ -199,12 +199,16 @@ async fn denials_are_counted_by_role_reason_and_table() {
 }
 
 #[tokio::test]
-async fn connections_and_policy_reloads_are_counted() {
+async fn connections_queries_and_policy_reloads_are_counted() {
     let (proxy, admin, path) = proxy_with_admin(ProxyOptions::default(), true);
     let first = proxy.connect("clerk").await;
     let second = proxy.connect("clerk").await;
     first.simple_query("SELECT 1").await.unwrap();
     second.simple_query("SELECT 1").await.unwrap();
+    first
+        .execute("UPDATE customers SET id = id WHERE id = 0", &[])
+        .await
+        .unwrap();
     let metrics = get(admin, "/metrics").1;
     assert_eq!(
         sample(&metrics, "pgveil_client_connections"),
@@ -213,6 +217,22 @@ async fn connections_and_policy_reloads_are_counted() {
     );
     assert_eq!(
         sample(&metrics, "pgveil_connections_total"),
+        2.0,
+        "{metrics}"
+    );
+    let queries = |kind: &str| {
+        sample(
+            &metrics,
+            &format!("pgveil_queries_total{{kind=\"{kind}\",role=\"default\"}}"),
+        )
+    };
+    assert_eq!(queries("select"), 2.0, "{metrics}");
+    assert_eq!(queries("update"), 1.0, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "pgveil_query_duration_seconds_count{kind=\"select\"}"
+        ),
         2.0,
         "{metrics}"
     );

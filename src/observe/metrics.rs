@@ -5,11 +5,73 @@
 //! plan is made) and then only incremented.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+
+/// Values of the `kind` label of `pgveil_queries_total` and
+/// `pgveil_query_duration_seconds`.
+pub const QUERY_KINDS: [&str; 6] = ["select", "insert", "update", "delete", "copy", "other"];
+
+/// The `kind` (an index into [`QUERY_KINDS`]) of a statement, from the command tag of
+/// its CommandComplete.
+pub fn query_kind(tag: &[u8]) -> usize {
+    let word = tag.split(|&b| b == b' ').next().unwrap_or_default();
+    match word {
+        b"SELECT" | b"FETCH" => 0,
+        b"INSERT" => 1,
+        b"UPDATE" => 2,
+        b"DELETE" => 3,
+        b"COPY" => 4,
+        _ => 5,
+    }
+}
+
+/// One session's `pgveil_queries_total` counters and duration histograms, resolved for
+/// its role once, so that counting a statement is an increment and an observation.
+pub struct QueryMeter {
+    role: String,
+    queries: Vec<IntCounter>,
+    durations: Vec<Histogram>,
+}
+
+impl Default for QueryMeter {
+    fn default() -> Self {
+        let histograms = &metrics().query_duration_seconds;
+        QueryMeter {
+            role: String::new(),
+            queries: Vec::new(),
+            durations: QUERY_KINDS
+                .iter()
+                .map(|kind| histograms.with_label_values(&[kind]))
+                .collect(),
+        }
+    }
+}
+
+impl QueryMeter {
+    /// Counts a completed statement of the session's current `role`.
+    pub fn record(&mut self, role: &str, tag: &[u8], elapsed: Duration) {
+        if self.queries.is_empty() || self.role != role {
+            let counters = &metrics().queries_total;
+            self.role = role.to_string();
+            self.queries = QUERY_KINDS
+                .iter()
+                .map(|kind| counters.with_label_values(&[role, kind]))
+                .collect();
+        }
+        let kind = query_kind(tag);
+        if let Some(counter) = self.queries.get(kind) {
+            counter.inc();
+        }
+        if let Some(histogram) = self.durations.get(kind) {
+            histogram.observe(elapsed.as_secs_f64());
+        }
+    }
+}
 
 /// Why a statement was refused, as the `reason` label of `pgveil_denied_queries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +239,19 @@ fn unreachable_metric(name: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_tags_give_the_query_kind() {
+        let kind = |tag: &[u8]| QUERY_KINDS[query_kind(tag)];
+        assert_eq!(kind(b"SELECT 3"), "select");
+        assert_eq!(kind(b"FETCH 1"), "select");
+        assert_eq!(kind(b"INSERT 0 1"), "insert");
+        assert_eq!(kind(b"UPDATE 2"), "update");
+        assert_eq!(kind(b"DELETE 0"), "delete");
+        assert_eq!(kind(b"COPY 5"), "copy");
+        assert_eq!(kind(b"CREATE TABLE"), "other");
+        assert_eq!(kind(b""), "other");
+    }
 
     #[test]
     fn every_metric_of_the_spec_is_exposed() {

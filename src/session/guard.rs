@@ -603,7 +603,10 @@ impl ReadGuard {
         if !matches!(self.result, ResultState::Idle) {
             return Ok(());
         }
-        let Some(Expected::ExecuteResult { portal, sent_after }) = state.next_expected() else {
+        let Some(Expected::ExecuteResult {
+            portal, sent_after, ..
+        }) = state.next_expected()
+        else {
             return Ok(());
         };
         self.sync_protection();
@@ -678,6 +681,7 @@ impl ReadGuard {
             }
             Some(Expected::SimpleQuery {
                 modifies: may_modify,
+                ..
             }) => {
                 modifies = *may_modify;
                 false

@@ -17,11 +17,15 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::guard::{GuardError, ReadGuard, Refresh, Verdict};
-use super::state::{Disposition, SessionState, StateError};
+use super::state::{Disposition, Expected, SessionState, StateError};
+use crate::observe::metrics::QueryMeter;
 use crate::wire::frame::{
     encode_frame, max_frontend_message_length, FrameError, FrameHeader, HEADER_LEN,
 };
-use crate::wire::messages::error_is_fatal;
+use crate::wire::messages::{command_tag, error_is_fatal};
+
+/// The `role` label of statements in sessions without a policy.
+const NO_POLICY_ROLE: &str = "none";
 
 /// Initial read buffer per direction; it grows only to hold one inspected message.
 const READ_CHUNK: usize = 16 * 1024;
@@ -77,6 +81,8 @@ pub struct Shared {
     pub state: SessionState,
     /// The policy's read path; `None` when no policy is loaded.
     pub guard: Option<ReadGuard>,
+    /// Counts completed statements for `pgveil_queries_total` and their durations.
+    meter: QueryMeter,
 }
 
 impl Shared {
@@ -88,7 +94,25 @@ impl Shared {
                 SessionState::new()
             },
             guard,
+            meter: QueryMeter::default(),
         }
+    }
+
+    /// Counts a statement whose CommandComplete is about to be forwarded, with the time
+    /// since its Query or Execute was sent.
+    fn count_completion(&mut self, body: &[u8]) {
+        let sent_at = match self.state.next_expected() {
+            Some(
+                Expected::SimpleQuery { sent_at, .. } | Expected::ExecuteResult { sent_at, .. },
+            ) => *sent_at,
+            _ => return,
+        };
+        let role = self
+            .guard
+            .as_ref()
+            .map_or(NO_POLICY_ROLE, |g| g.role_name());
+        self.meter
+            .record(role, command_tag(body), sent_at.elapsed());
     }
 
     fn disposition(&self, direction: Direction, tag: u8) -> Disposition {
@@ -359,6 +383,9 @@ impl Pump {
                         Some(guard) => guard.on_server_message(&shared.state, header.tag, body)?,
                         None => Verdict::Forward,
                     };
+                    if header.tag == b'C' && verdict == Verdict::Forward {
+                        shared.count_completion(body);
+                    }
                     if !matches!(
                         verdict,
                         Verdict::AwaitCatalog(_) | Verdict::AwaitMemberships

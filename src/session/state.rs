@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -98,7 +99,11 @@ pub enum Expected {
     PortalDescription { portal: Bytes, internal: bool },
     /// Execute → rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
     /// `sent_after` counts the executing requests the client sent before this one.
-    ExecuteResult { portal: Bytes, sent_after: u64 },
+    ExecuteResult {
+        portal: Bytes,
+        sent_after: u64,
+        sent_at: Instant,
+    },
     /// Close → CloseComplete.
     CloseComplete { target: Target, name: Bytes },
     /// Sync → ReadyForQuery.
@@ -106,7 +111,7 @@ pub enum Expected {
     /// Query → any number of results, then ReadyForQuery. `modifies`: its text may run
     /// a data-modifying command (see `sqltext::may_modify_data`; only worked out when
     /// the session has a read guard).
-    SimpleQuery { modifies: bool },
+    SimpleQuery { modifies: bool, sent_at: Instant },
     /// FunctionCall → FunctionCallResponse, then ReadyForQuery.
     FunctionCallResult,
     /// Not a response: the client sent CopyDone or CopyFail here, before the server
@@ -261,7 +266,10 @@ impl SessionState {
             b'Q' => {
                 self.executions_sent += 1;
                 let modifies = self.track_modifications && may_modify_data(body);
-                self.push_expected(Expected::SimpleQuery { modifies });
+                self.push_expected(Expected::SimpleQuery {
+                    modifies,
+                    sent_at: Instant::now(),
+                });
             }
             b'P' => {
                 let parse = Parse::decode(body)?;
@@ -297,7 +305,11 @@ impl SessionState {
                 let portal = Bytes::copy_from_slice(execute_portal(body)?);
                 let sent_after = self.executions_sent;
                 self.executions_sent += 1;
-                self.push_expected(Expected::ExecuteResult { portal, sent_after });
+                self.push_expected(Expected::ExecuteResult {
+                    portal,
+                    sent_after,
+                    sent_at: Instant::now(),
+                });
             }
             b'C' => {
                 let target = TargetName::decode("Close", body)?;
@@ -698,10 +710,13 @@ mod tests {
         state.on_server_message(b'T', b"").unwrap();
         state.on_server_message(b'C', b"SELECT 1\0").unwrap();
         state.on_server_message(b'E', b"SERROR\0\0").unwrap();
-        assert_eq!(
+        assert!(matches!(
             state.pending().front(),
-            Some(&Expected::SimpleQuery { modifies: false })
-        );
+            Some(&Expected::SimpleQuery {
+                modifies: false,
+                ..
+            })
+        ));
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
     }
@@ -833,12 +848,13 @@ mod tests {
         state.on_server_message(b'n', b"").unwrap();
         state.on_server_message(b'G', b"").unwrap();
         // The server will ignore that first Sync.
-        assert_eq!(
-            state.pending().iter().collect::<Vec<_>>(),
-            vec![&Expected::ExecuteResult {
-                portal: Bytes::new(),
-                sent_after: 0,
-            }]
+        let pending: Vec<_> = state.pending().iter().collect();
+        assert!(
+            matches!(
+                pending[..],
+                [Expected::ExecuteResult { portal, sent_after: 0, .. }] if portal.is_empty()
+            ),
+            "{pending:?}"
         );
         state.on_client_message(b'd', b"1\n").unwrap();
         state.on_client_message(b'H', b"").unwrap();
