@@ -17,6 +17,7 @@ const PHONE: &str = "13812345678";
 const SCHEMA: &str = "
 CREATE ROLE pgveil_catalog LOGIN;
 CREATE ROLE clerk LOGIN;
+CREATE ROLE auditor LOGIN;
 CREATE TABLE customers (id int PRIMARY KEY, phone text, id_card text);
 INSERT INTO customers VALUES (1, '13812345678', '110105199001011234');
 CREATE VIEW customer_digits AS SELECT id, phone || '' AS phone_text FROM customers;
@@ -25,11 +26,13 @@ GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;
 
 const POLICY: &str = "
 version: 1
+roles:
+  auditor: { members: [auditor] }
 tables:
   public.customers:
     columns:
-      phone:   { level: L3, mask: cn_mobile }
-      id_card: { level: L4, mask: cn_id_card }
+      phone:   { level: L3, mask: cn_mobile, access: { auditor: allow } }
+      id_card: { level: L4, mask: cn_id_card, access: { auditor: allow } }
 ";
 
 static SCHEMA_READY: OnceLock<()> = OnceLock::new();
@@ -269,4 +272,46 @@ async fn connections_queries_and_policy_reloads_are_counted() {
         "{}",
         proxy.log()
     );
+}
+
+#[tokio::test]
+async fn protected_values_served_are_counted_by_role_table_column_and_action() {
+    let (proxy, admin, _) = proxy_with_admin(ProxyOptions::default(), true);
+    let auditor = proxy.connect("auditor").await;
+    auditor
+        .simple_query("SELECT phone, id_card FROM customers")
+        .await
+        .unwrap();
+    let row = auditor
+        .query_one("SELECT phone FROM customers WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), PHONE);
+    let clerk = proxy.connect("clerk").await;
+    for _ in 0..3 {
+        let row = clerk
+            .query_one("SELECT phone, id FROM customers WHERE id = 1", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "138****5678");
+    }
+    // No protected column: nothing counted.
+    clerk
+        .simple_query("SELECT id FROM customers")
+        .await
+        .unwrap();
+
+    let metrics = get(admin, "/metrics").1;
+    let served = |role: &str, column: &str, action: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "pgveil_protected_values_total{{action=\"{action}\",column=\"{column}\",role=\"{role}\",table=\"public.customers\"}}"
+            ),
+        )
+    };
+    assert_eq!(served("auditor", "phone", "allow"), 2.0, "{metrics}");
+    assert_eq!(served("auditor", "id_card", "allow"), 1.0, "{metrics}");
+    assert_eq!(served("default", "phone", "mask"), 3.0, "{metrics}");
+    assert_eq!(served("default", "id_card", "mask"), 0.0, "{metrics}");
 }

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounter;
 use thiserror::Error;
 use tracing::{debug, info};
 
@@ -21,7 +22,7 @@ use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
 use crate::observe::{metrics, DenyReason};
-use crate::policy::{Action, RoleId};
+use crate::policy::{Action, ColumnId, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
 use crate::sqltext::{may_modify_data, runs_another_statement};
@@ -157,6 +158,13 @@ pub struct ReadGuard {
     memberships_unknown: bool,
     /// What the client has sent, as far as deciding whether a portal may be described.
     sent: SentRequests,
+    /// `pgveil_protected_values_total` counters of the protected columns in the result
+    /// being sent (one per column and action), and the rows sent so far.
+    served: Vec<IntCounter>,
+    served_rows: u64,
+    /// Those counters by (column, action), for the role and policy they were made for.
+    served_cache: HashMap<(ColumnId, &'static str), IntCounter>,
+    served_cache_for: Option<(RoleId, usize)>,
 }
 
 /// Most portals [`SentRequests`] remembers; past that it starts afresh (a forgotten
@@ -289,6 +297,10 @@ impl ReadGuard {
             memberships_epoch,
             memberships_unknown: false,
             sent: SentRequests::default(),
+            served: Vec::new(),
+            served_rows: 0,
+            served_cache: HashMap::new(),
+            served_cache_for: None,
         }
     }
 
@@ -518,6 +530,7 @@ impl ReadGuard {
                 if tag != b'E' {
                     self.begin_execute_result(state)?;
                 }
+                self.count_served();
                 if tag == b'C' {
                     self.note_command(command_tag(body));
                 }
@@ -533,12 +546,76 @@ impl ReadGuard {
                 }
             }
             b'Z' => {
+                self.count_served();
                 self.result = ResultState::Idle;
                 self.on_ready_for_query(body);
                 Ok(Verdict::Forward)
             }
             _ => Ok(Verdict::Forward),
         }
+    }
+
+    /// A DataRow went to the client without being inspected.
+    pub fn row_streamed(&mut self) {
+        self.served_rows += 1;
+    }
+
+    /// Adds the rows sent of the result that just ended to its protected columns'
+    /// counters.
+    fn count_served(&mut self) {
+        if self.served_rows > 0 {
+            for counter in &self.served {
+                counter.inc_by(self.served_rows);
+            }
+        }
+        self.served.clear();
+        self.served_rows = 0;
+    }
+
+    /// The `pgveil_protected_values_total` counters for the protected columns of a
+    /// result about to be sent, with the action each gets.
+    fn served_counters(&mut self, columns: &[FieldDescription]) -> Vec<IntCounter> {
+        let policy = self.protection.policy.clone();
+        let policy_id = Arc::as_ptr(&policy) as usize;
+        if self.served_cache_for != Some((self.role, policy_id)) {
+            self.served_cache.clear();
+            self.served_cache_for = Some((self.role, policy_id));
+        }
+        let mut counters = Vec::new();
+        for field in columns {
+            let sources: &[ColumnId] = match self
+                .protection
+                .catalog
+                .lookup(field.table_oid, field.attnum)
+            {
+                Lookup::Protected(ColumnSource::Protected(column)) => std::slice::from_ref(column),
+                Lookup::Protected(ColumnSource::Derived(columns)) => columns,
+                _ => continue,
+            };
+            for &column in sources {
+                let action = match policy.action(self.role, column) {
+                    Action::Allow => "allow",
+                    Action::Mask(_) => "mask",
+                    Action::Redact => "redact",
+                    Action::Deny => continue,
+                };
+                let role = policy.role_name(self.role);
+                let counter = self
+                    .served_cache
+                    .entry((column, action))
+                    .or_insert_with(|| {
+                        metrics().protected_values_total.with_label_values(&[
+                            role,
+                            &policy.table_label(column),
+                            &policy.columns[column].name,
+                            action,
+                        ])
+                    })
+                    .clone();
+                counters.push(counter);
+            }
+        }
+        counters
     }
 
     fn during_result(&self) -> Verdict {
@@ -612,6 +689,11 @@ impl ReadGuard {
         self.sync_protection();
         if self.unrestricted() {
             self.result = ResultState::Pass;
+            // Only for counting: the statement's description will do when the portal's
+            // was not asked for.
+            if let Some(Some(columns)) = state.portal(portal).and_then(|p| p.result_columns()) {
+                self.served = self.served_counters(&columns);
+            }
             return Ok(());
         }
         let name = || String::from_utf8_lossy(portal).into_owned();
@@ -652,8 +734,14 @@ impl ReadGuard {
             None => ResultState::Undescribed { portal: name() },
             Some(None) => ResultState::NoRows { portal: name() },
             Some(Some(columns)) => match self.plan(columns, modifies) {
-                Plan::Pass => ResultState::Pass,
-                Plan::Shape(shaping) => ResultState::Shape(Arc::new(shaping)),
+                Plan::Pass => {
+                    self.served = self.served_counters(columns);
+                    ResultState::Pass
+                }
+                Plan::Shape(shaping) => {
+                    self.served = self.served_counters(columns);
+                    ResultState::Shape(Arc::new(shaping))
+                }
                 Plan::Deny(report) => ResultState::Denied(report),
                 // Described earlier, so its relations were checked then; a relation
                 // unknown now was dropped since: nothing can be read from it.
@@ -692,6 +780,8 @@ impl ReadGuard {
         if self.unrestricted() {
             if !answers_describe {
                 self.result = ResultState::Pass;
+                let columns = decode_row_description(body)?;
+                self.served = self.served_counters(&columns);
             }
             return Ok(Verdict::Forward);
         }
@@ -715,6 +805,9 @@ impl ReadGuard {
                 }
                 _ => Verdict::Forward,
             });
+        }
+        if matches!(plan, Plan::Pass | Plan::Shape(_)) {
+            self.served = self.served_counters(&columns);
         }
         let (result, verdict) = match plan {
             Plan::Pass => (ResultState::Pass, Verdict::Forward),
@@ -746,11 +839,16 @@ impl ReadGuard {
 
     fn on_data_row(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
         match &self.result {
-            ResultState::Pass => Ok(Verdict::Forward),
+            ResultState::Pass => {
+                self.served_rows += 1;
+                Ok(Verdict::Forward)
+            }
             ResultState::Denied(_) => Ok(Verdict::Drop),
             ResultState::Shape(shaping) => {
                 let shaping = shaping.clone();
-                Ok(Verdict::Replace(shape_row(&shaping, body)?))
+                let shaped = shape_row(&shaping, body)?;
+                self.served_rows += 1;
+                Ok(Verdict::Replace(shaped))
             }
             ResultState::Undescribed { portal } => {
                 let report = denied(

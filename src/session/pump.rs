@@ -347,6 +347,11 @@ impl Pump {
                 header.check_limit(max_frontend_message_length(header.tag))?;
             }
             if shared.disposition(self.direction, header.tag) == Disposition::Stream {
+                if header.tag == b'D' && self.direction == Direction::ServerToClient {
+                    if let Some(guard) = shared.guard.as_mut() {
+                        guard.row_streamed();
+                    }
+                }
                 self.last_was_fatal_error = false;
                 *pos += HEADER_LEN;
                 self.streaming = header.body_len;
