@@ -163,7 +163,7 @@ pub struct ReadGuard {
     served: Vec<IntCounter>,
     served_rows: u64,
     /// Those counters by (column, action), for the role and policy they were made for.
-    served_cache: HashMap<(ColumnId, &'static str), IntCounter>,
+    served_cache: HashMap<(ColumnId, u8), IntCounter>,
     served_cache_for: Option<(RoleId, usize)>,
 }
 
@@ -581,7 +581,9 @@ impl ReadGuard {
             self.served_cache.clear();
             self.served_cache_for = Some((self.role, policy_id));
         }
-        let mut counters = Vec::new();
+        // Reuses the last result's vector: this runs for every result.
+        let mut counters = std::mem::take(&mut self.served);
+        counters.clear();
         for field in columns {
             let sources: &[ColumnId] = match self
                 .protection
@@ -593,10 +595,10 @@ impl ReadGuard {
                 _ => continue,
             };
             for &column in sources {
-                let action = match policy.action(self.role, column) {
-                    Action::Allow => "allow",
-                    Action::Mask(_) => "mask",
-                    Action::Redact => "redact",
+                let (action, label) = match policy.action(self.role, column) {
+                    Action::Allow => (0, "allow"),
+                    Action::Mask(_) => (1, "mask"),
+                    Action::Redact => (2, "redact"),
                     Action::Deny => continue,
                 };
                 let role = policy.role_name(self.role);
@@ -608,7 +610,7 @@ impl ReadGuard {
                             role,
                             &policy.table_label(column),
                             &policy.columns[column].name,
-                            action,
+                            label,
                         ])
                     })
                     .clone();
@@ -691,8 +693,18 @@ impl ReadGuard {
             self.result = ResultState::Pass;
             // Only for counting: the statement's description will do when the portal's
             // was not asked for.
-            if let Some(Some(columns)) = state.portal(portal).and_then(|p| p.result_columns()) {
-                self.served = self.served_counters(&columns);
+            if let Some(found) = state.portal(portal) {
+                let columns = match &found.described {
+                    Some(described) => described.as_ref(),
+                    None => found
+                        .statement
+                        .as_ref()
+                        .and_then(|statement| statement.columns.get())
+                        .and_then(Option::as_ref),
+                };
+                if let Some(columns) = columns {
+                    self.served = self.served_counters(columns);
+                }
             }
             return Ok(());
         }
