@@ -49,6 +49,20 @@ enum Command {
     /// Check a policy file, or show what it gives one role.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Work with audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log: exit 0 with the record count when it is
+    /// intact, exit 1 naming the first record that was edited, removed or reordered.
+    #[command(after_help = "Example:\n  pgveil audit verify /var/log/pgveil/audit.jsonl")]
+    Verify {
+        /// Audit log (JSON lines).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -120,6 +134,7 @@ fn main() -> ExitCode {
             database,
         }) => policy_check(&file, config.as_deref(), database),
         Command::Policy(PolicyCommand::Explain { file, role }) => policy_explain(&file, &role),
+        Command::Audit(AuditCommand::Verify { file }) => audit_verify(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,6 +211,21 @@ fn run(args: RunArgs) -> Result<()> {
     }
     pgveil::server::run(config)?;
     Ok(())
+}
+
+fn audit_verify(file: &std::path::Path) -> Result<()> {
+    let opened = std::fs::File::open(file)
+        .with_context(|| format!("cannot open audit log {}", file.display()))?;
+    match pgveil::observe::audit::verify(std::io::BufReader::new(opened)) {
+        Ok(count) => {
+            println!("{}: {count} records, hash chain intact", file.display());
+            Ok(())
+        }
+        Err(broken) => {
+            eprintln!("pgveil: {}: {broken}", file.display());
+            Err(Reported.into())
+        }
+    }
 }
 
 /// Exit code 1 with every problem already printed.

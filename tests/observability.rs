@@ -315,3 +315,74 @@ async fn protected_values_served_are_counted_by_role_table_column_and_action() {
     assert_eq!(served("default", "phone", "mask"), 3.0, "{metrics}");
     assert_eq!(served("default", "id_card", "mask"), 0.0, "{metrics}");
 }
+
+#[test]
+fn audit_verify_counts_an_intact_chain_and_names_the_first_broken_record() {
+    use pgveil::observe::audit::{encode, AuditColumn, AuditRecord, GENESIS_HASH};
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut prev = GENESIS_HASH.to_string();
+    let mut lines = Vec::new();
+    for seq in 1..=3u64 {
+        let record = AuditRecord {
+            ts: "2026-11-22T10:00:00.000Z".into(),
+            session: format!("s{seq}"),
+            client: "127.0.0.1:50000".into(),
+            user: "alice".into(),
+            role: "support".into(),
+            database: "crm".into(),
+            application_name: "psql".into(),
+            kind: "select".into(),
+            statement: "SELECT phone FROM customers WHERE id = ?".into(),
+            columns: vec![AuditColumn {
+                table: "public.customers".into(),
+                column: "phone".into(),
+                action: "mask".into(),
+            }],
+            rows: 1,
+            outcome: "ok".into(),
+            reason: None,
+        };
+        let (line, hash) = encode(seq, &record, &prev).unwrap();
+        prev = hash;
+        lines.push(line);
+    }
+    let verify = |lines: &[String]| {
+        let path = dir.join("audit.jsonl");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["audit", "verify"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = verify(&lines);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("3 records, hash chain intact"), "{stdout}");
+
+    let mut edited = lines.clone();
+    edited[1] = edited[1].replace("\"rows\":1", "\"rows\":2");
+    let (code, _, stderr) = verify(&edited);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("line 2") && stderr.contains("edited"),
+        "{stderr}"
+    );
+
+    let mut removed = lines.clone();
+    removed.remove(0);
+    let (code, _, stderr) = verify(&removed);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("line 1"), "{stderr}");
+
+    let mut swapped = lines;
+    swapped.swap(1, 2);
+    let (code, _, stderr) = verify(&swapped);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("line 2"), "{stderr}");
+}

@@ -4,6 +4,8 @@
 //! Nothing here may ever carry a protected value: metric labels name roles, tables,
 //! columns and reasons, never data.
 
+pub mod audit;
+pub mod fingerprint;
 pub mod http;
 pub mod metrics;
 

@@ -1,0 +1,303 @@
+//! Statement fingerprints for the audit log: the SQL with every literal replaced by
+//! `?` and comments removed, so a record says what was asked without any value.
+//!
+//! A lexer, not a parser: it knows PostgreSQL's literal and comment syntax (quoted
+//! strings with their prefixes, dollar quotes, numbers, booleans) and nothing else. It
+//! must never let a literal through: text it cannot read to the end (an unterminated
+//! string or comment) is cut off behind a `?`.
+
+/// The fingerprint of `sql`.
+pub fn fingerprint(sql: &[u8]) -> String {
+    let mut out: Vec<u8> = Vec::with_capacity(sql.len());
+    let mut at = 0;
+    // Whether the last thing written was whitespace (runs are collapsed to one space).
+    let mut spaced = true;
+    let push_space = |out: &mut Vec<u8>, spaced: &mut bool| {
+        if !*spaced {
+            out.push(b' ');
+            *spaced = true;
+        }
+    };
+    while at < sql.len() {
+        let byte = sql[at];
+        let next = sql.get(at + 1).copied();
+        match byte {
+            b if b.is_ascii_whitespace() => {
+                push_space(&mut out, &mut spaced);
+                at += 1;
+                continue;
+            }
+            b'-' if next == Some(b'-') => {
+                at = sql[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(sql.len(), |end| at + end);
+                push_space(&mut out, &mut spaced);
+                continue;
+            }
+            b'/' if next == Some(b'*') => {
+                match block_comment_end(sql, at + 2) {
+                    Some(end) => at = end,
+                    None => {
+                        // Unterminated: nothing after it can be trusted to be SQL.
+                        out.extend_from_slice(b" ?");
+                        break;
+                    }
+                }
+                push_space(&mut out, &mut spaced);
+                continue;
+            }
+            b'\'' => match quoted_end(sql, at, false) {
+                Some(end) => {
+                    out.push(b'?');
+                    at = end;
+                }
+                None => {
+                    out.push(b'?');
+                    break;
+                }
+            },
+            b'"' => {
+                // A quoted identifier: a name, not a value; kept.
+                let end = sql[at + 1..]
+                    .iter()
+                    .position(|&b| b == b'"')
+                    .map_or(sql.len(), |end| at + 1 + end + 1);
+                out.extend_from_slice(&sql[at..end]);
+                at = end;
+            }
+            b'$' if next.is_some_and(|b| b.is_ascii_digit()) => {
+                // A parameter: `$1`.
+                let end = sql[at + 1..]
+                    .iter()
+                    .position(|b| !b.is_ascii_digit())
+                    .map_or(sql.len(), |end| at + 1 + end);
+                out.extend_from_slice(&sql[at..end]);
+                at = end;
+            }
+            b'$' => match dollar_quote_end(sql, at) {
+                Some(Ok(end)) => {
+                    out.push(b'?');
+                    at = end;
+                }
+                Some(Err(())) => {
+                    out.push(b'?');
+                    break;
+                }
+                None => {
+                    out.push(byte);
+                    at += 1;
+                }
+            },
+            b if b.is_ascii_digit() || (b == b'.' && next.is_some_and(|n| n.is_ascii_digit())) => {
+                out.push(b'?');
+                at = number_end(sql, at);
+            }
+            b if is_identifier_start(b) => {
+                let end = sql[at..]
+                    .iter()
+                    .position(|&b| !is_identifier_part(b))
+                    .map_or(sql.len(), |end| at + end);
+                let word = &sql[at..end];
+                let prefixed_string = sql.get(end) == Some(&b'\'')
+                    && (word.eq_ignore_ascii_case(b"e")
+                        || word.eq_ignore_ascii_case(b"b")
+                        || word.eq_ignore_ascii_case(b"x")
+                        || word.eq_ignore_ascii_case(b"n"));
+                let unicode_string = word.eq_ignore_ascii_case(b"u")
+                    && sql.get(end) == Some(&b'&')
+                    && sql.get(end + 1) == Some(&b'\'');
+                if prefixed_string || unicode_string {
+                    let quote = if unicode_string { end + 1 } else { end };
+                    let backslashes = word.eq_ignore_ascii_case(b"e");
+                    out.push(b'?');
+                    match quoted_end(sql, quote, backslashes) {
+                        Some(after) => at = after,
+                        None => break,
+                    }
+                } else if word.eq_ignore_ascii_case(b"true") || word.eq_ignore_ascii_case(b"false")
+                {
+                    out.push(b'?');
+                    at = end;
+                } else {
+                    out.extend_from_slice(word);
+                    at = end;
+                }
+            }
+            _ => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+        spaced = false;
+    }
+    while out.last() == Some(&b' ') {
+        out.pop();
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_identifier_start(byte: u8) -> bool {
+    byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
+}
+
+fn is_identifier_part(byte: u8) -> bool {
+    is_identifier_start(byte) || byte.is_ascii_digit() || byte == b'$'
+}
+
+/// Where a quoted string starting at `start` (its opening quote) ends, just past its
+/// closing quote; `None` when it is not closed. `''` is a quote inside; with
+/// `backslashes` (E'…'), so is `\'`.
+fn quoted_end(sql: &[u8], start: usize, backslashes: bool) -> Option<usize> {
+    let mut at = start + 1;
+    while at < sql.len() {
+        match sql[at] {
+            b'\\' if backslashes => at += 2,
+            b'\'' if sql.get(at + 1) == Some(&b'\'') => at += 2,
+            b'\'' => return Some(at + 1),
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// Just past the `*/` closing a block comment whose body starts at `from`; block
+/// comments nest.
+fn block_comment_end(sql: &[u8], from: usize) -> Option<usize> {
+    let mut depth = 1;
+    let mut at = from;
+    while at + 1 < sql.len() {
+        match (sql[at], sql[at + 1]) {
+            (b'*', b'/') => {
+                depth -= 1;
+                at += 2;
+                if depth == 0 {
+                    return Some(at);
+                }
+            }
+            (b'/', b'*') => {
+                depth += 1;
+                at += 2;
+            }
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// A dollar-quoted string starting at `start`: `Some(Ok(end))` just past its closing
+/// delimiter, `Some(Err(()))` when it is never closed, `None` when the `$` starts no
+/// dollar quote.
+fn dollar_quote_end(sql: &[u8], start: usize) -> Option<Result<usize, ()>> {
+    let tag_len = sql[start + 1..]
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80))?;
+    let close = start + 1 + tag_len;
+    if sql.get(close) != Some(&b'$') {
+        return None;
+    }
+    if tag_len > 0 && sql[start + 1].is_ascii_digit() {
+        return None;
+    }
+    let delimiter = &sql[start..=close];
+    let body = close + 1;
+    Some(
+        sql[body..]
+            .windows(delimiter.len())
+            .position(|window| window == delimiter)
+            .map(|found| body + found + delimiter.len())
+            .ok_or(()),
+    )
+}
+
+/// Just past a numeric literal starting at `start`.
+fn number_end(sql: &[u8], start: usize) -> usize {
+    let mut at = start;
+    let mut seen_exponent = false;
+    while at < sql.len() {
+        let byte = sql[at];
+        if byte.is_ascii_digit() || byte == b'.' || byte == b'_' {
+            at += 1;
+        } else if (byte == b'e' || byte == b'E') && !seen_exponent {
+            seen_exponent = true;
+            at += 1;
+            if matches!(sql.get(at), Some(b'+' | b'-')) {
+                at += 1;
+            }
+        } else {
+            break;
+        }
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(sql: &str, expected: &str) {
+        assert_eq!(fingerprint(sql.as_bytes()), expected, "{sql}");
+    }
+
+    #[test]
+    fn literals_become_placeholders() {
+        check(
+            "SELECT name FROM customers WHERE phone = '13812345678' AND id = 42",
+            "SELECT name FROM customers WHERE phone = ? AND id = ?",
+        );
+        check("select 1.5e-3, .5, 10", "select ?, ?, ?");
+        check(
+            "SELECT 'it''s', E'a\\'b', B'0101', X'1F', N'x', U&'d\\0061t'",
+            "SELECT ?, ?, ?, ?, ?, ?",
+        );
+        check(
+            "SELECT $$dollar 'quoted'$$ || $tag$x$y$tag$",
+            "SELECT ? || ?",
+        );
+        check(
+            "UPDATE t SET vip = TRUE WHERE flag = false",
+            "UPDATE t SET vip = ? WHERE flag = ?",
+        );
+        check(
+            "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+            "INSERT INTO t VALUES (?, ?), (?, ?)",
+        );
+    }
+
+    #[test]
+    fn names_parameters_and_casts_stay() {
+        check(
+            "SELECT \"Phone 1\", col2, t1.x FROM s1.t1 WHERE a = $1 AND b = $12::int",
+            "SELECT \"Phone 1\", col2, t1.x FROM s1.t1 WHERE a = $1 AND b = $12::int",
+        );
+        check("SELECT NULL", "SELECT NULL");
+    }
+
+    #[test]
+    fn comments_go_and_whitespace_collapses() {
+        check(
+            "SELECT /* customer 13812345678 */ id  -- phone 139\n\tFROM t",
+            "SELECT id FROM t",
+        );
+        check("/* a /* nested */ comment */ SELECT 1", "SELECT ?");
+    }
+
+    #[test]
+    fn unterminated_text_never_leaks() {
+        for sql in [
+            "SELECT 'unterminated 13812345678",
+            "SELECT E'esc \\' 13812345678",
+            "SELECT $q$ 13812345678",
+            "SELECT /* 13812345678",
+        ] {
+            let print = fingerprint(sql.as_bytes());
+            assert!(!print.contains("138"), "{sql} -> {print}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_input_is_handled() {
+        let print = fingerprint(b"SELECT '\xff\xfe' FROM t\xe4");
+        assert!(print.starts_with("SELECT ? FROM t"), "{print}");
+    }
+}
