@@ -12,6 +12,22 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Every metric pgveil exposes (SPEC.md), for documents and dashboards to be checked
+/// against.
+pub const METRIC_NAMES: [&str; 11] = [
+    "pgveil_client_connections",
+    "pgveil_connections_total",
+    "pgveil_queries_total",
+    "pgveil_denied_queries_total",
+    "pgveil_protected_values_total",
+    "pgveil_encrypted_values_total",
+    "pgveil_decrypted_values_total",
+    "pgveil_decrypt_failures_total",
+    "pgveil_query_duration_seconds",
+    "pgveil_policy_reloads_total",
+    "pgveil_upstream_errors_total",
+];
+
 /// Values of the `kind` label of `pgveil_queries_total` and
 /// `pgveil_query_duration_seconds`.
 pub const QUERY_KINDS: [&str; 6] = ["select", "insert", "update", "delete", "copy", "other"];
@@ -278,6 +294,9 @@ mod tests {
             .with_label_values(&["select"])
             .observe(0.001);
         let text = String::from_utf8(metrics.render()).unwrap();
+        for name in METRIC_NAMES {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
         for (name, kind) in [
             ("pgveil_client_connections", "gauge"),
             ("pgveil_connections_total", "counter"),
