@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{cluster, eventually, free_port, sqlstate, Proxy, ProxyOptions};
+use support::{
+    cluster, eventually, free_port, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions,
+};
 
 const PHONE: &str = "13812345678";
 
@@ -43,17 +45,11 @@ fn proxy_with_admin(options: ProxyOptions, policy: bool) -> (Proxy, u16, PathBuf
     SCHEMA_READY.get_or_init(|| {
         cluster().psql_ok("postgres", SCHEMA);
     });
-    let dir = cluster().dir.join(format!("observe-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("policy dir");
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, POLICY).expect("write policy");
+    let path = write_policy(POLICY);
     let admin = free_port();
     let mut extra_yaml = format!("admin: 127.0.0.1:{admin}\n");
     if policy {
-        extra_yaml.push_str(&format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
-            path.display()
-        ));
+        extra_yaml.push_str(&policy_yaml("pgveil_catalog", &path));
     }
     let proxy = Proxy::start_with(ProxyOptions {
         extra_yaml,

@@ -6,12 +6,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use pgveil::catalog::snapshot::CatalogSnapshot;
 use pgveil::policy::Policy;
-use support::{cluster, free_port, sqlstate, Proxy, ProxyOptions};
+use support::{cluster, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions};
 use tokio_postgres::types::Type;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -90,15 +89,8 @@ fn schema() {
 
 fn proxy() -> Proxy {
     schema();
-    let dir: PathBuf = cluster().dir.join(format!("catalog-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("policy dir");
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, POLICY).expect("write policy");
     Proxy::start_with(ProxyOptions {
-        extra_yaml: format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
-            path.display()
-        ),
+        extra_yaml: policy_yaml("pgveil_catalog", &write_policy(POLICY)),
         ..ProxyOptions::default()
     })
 }

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{
-    cluster, cstr, eventually, frame, free_port, sqlstate, Message, Proxy, ProxyOptions, RawClient,
+    cluster, cstr, eventually, frame, policy_yaml, sqlstate, write_policy, Message, Proxy,
+    ProxyOptions, RawClient,
 };
 
 const ID_CARD: &str = "110105199001011234";
@@ -64,15 +65,9 @@ fn proxy_as(catalog_user: &str, extra_yaml: &str) -> (Proxy, PathBuf) {
     SCHEMA_READY.get_or_init(|| {
         cluster().psql_ok("postgres", SCHEMA);
     });
-    let dir: PathBuf = cluster().dir.join(format!("changes-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("policy dir");
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, POLICY).expect("write policy");
+    let path = write_policy(POLICY);
     let proxy = Proxy::start_with(ProxyOptions {
-        extra_yaml: format!(
-            "catalog:\n  user: {catalog_user}\n  database: postgres\npolicy: {}\n{extra_yaml}",
-            path.display()
-        ),
+        extra_yaml: policy_yaml(catalog_user, &path) + extra_yaml,
         ..ProxyOptions::default()
     });
     (proxy, path)

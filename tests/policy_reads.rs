@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{
-    cluster, cstr, eventually, frame, free_port, sqlstate, Message, Proxy, ProxyOptions, RawClient,
+    cluster, cstr, eventually, frame, free_port, policy_yaml, sqlstate, write_policy, Message,
+    Proxy, ProxyOptions, RawClient,
 };
 use tokio_postgres::SimpleQueryMessage;
 
@@ -98,23 +99,12 @@ fn schema() {
     });
 }
 
-fn scratch_dir() -> PathBuf {
-    let dir = cluster().dir.join(format!("policy-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("policy dir");
-    dir
-}
-
 /// pgveil with `policy` (written to a fresh file) and the catalog login.
 fn proxy_with(policy: &str) -> (Proxy, PathBuf) {
     schema();
-    let dir = scratch_dir();
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy).expect("write policy");
+    let path = write_policy(policy);
     let proxy = Proxy::start_with(ProxyOptions {
-        extra_yaml: format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n",
-            path.display()
-        ),
+        extra_yaml: policy_yaml("pgveil_catalog", &path),
         ..ProxyOptions::default()
     });
     (proxy, path)
@@ -655,14 +645,10 @@ async fn a_policy_edit_applies_from_the_next_statement_and_a_broken_one_is_ignor
 #[tokio::test]
 async fn start_up_fails_when_the_policy_names_a_missing_table() {
     schema();
-    let dir = scratch_dir();
-    let path = dir.join("policy.yaml");
-    std::fs::write(
-        &path,
-        format!("{POLICY}  public.no_such_table:\n    columns:\n      x: {{ level: L3 }}\n"),
-    )
-    .unwrap();
-    let config = dir.join("pgveil.yaml");
+    let path = write_policy(&format!(
+        "{POLICY}  public.no_such_table:\n    columns:\n      x: {{ level: L3 }}\n"
+    ));
+    let config = path.with_file_name("pgveil.yaml");
     std::fs::write(
         &config,
         format!(
@@ -717,9 +703,7 @@ async fn start_up_fails_when_the_policy_names_a_missing_table() {
 #[tokio::test]
 async fn sessions_are_refused_when_the_catalog_cannot_be_read() {
     schema();
-    let dir = scratch_dir();
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, POLICY).unwrap();
+    let path = write_policy(POLICY);
     // No fixed database: catalogs load per client database, at the first session.
     let proxy = Proxy::start_with(ProxyOptions {
         extra_yaml: format!(

@@ -5,11 +5,13 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{cluster, cstr, frame, free_port, sqlstate, Message, Proxy, ProxyOptions, RawClient};
+use support::{
+    cluster, cstr, frame, policy_yaml, sqlstate, write_policy, Message, Proxy, ProxyOptions,
+    RawClient,
+};
 
 const ID_CARD: &str = "110105199001011234";
 const PHONE: &str = "13812345678";
@@ -47,15 +49,8 @@ fn proxy_with(extra_yaml: &str) -> Proxy {
     SCHEMA_READY.get_or_init(|| {
         cluster().psql_ok("postgres", SCHEMA);
     });
-    let dir: PathBuf = cluster().dir.join(format!("review-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("policy dir");
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, POLICY).expect("write policy");
     Proxy::start_with(ProxyOptions {
-        extra_yaml: format!(
-            "catalog:\n  user: pgveil_catalog\n  database: postgres\npolicy: {}\n{extra_yaml}",
-            path.display()
-        ),
+        extra_yaml: policy_yaml("pgveil_catalog", &write_policy(POLICY)) + extra_yaml,
         ..ProxyOptions::default()
     })
 }

@@ -91,6 +91,25 @@ fn find_bindir() -> PathBuf {
 }
 
 /// A TCP port nothing listens on right now.
+/// Writes `policy` to `policy.yaml` in a fresh folder of the cluster's directory and
+/// returns its path.
+pub fn write_policy(policy: &str) -> PathBuf {
+    let dir = cluster().dir.join(format!("policy-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, policy).expect("write policy");
+    path
+}
+
+/// Config lines (for `ProxyOptions::extra_yaml`) that load the policy at `path` and
+/// read the catalog of database `postgres` as `catalog_user`.
+pub fn policy_yaml(catalog_user: &str, path: &Path) -> String {
+    format!(
+        "catalog:\n  user: {catalog_user}\n  database: postgres\npolicy: {}\n",
+        path.display()
+    )
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
