@@ -336,14 +336,7 @@ impl Engine {
 
     /// Rebuilds every loaded database's catalog (after DDL elsewhere, on a timer).
     pub async fn refresh_all(&self) {
-        let databases: Vec<String> = {
-            let databases = self
-                .databases
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            databases.keys().cloned().collect()
-        };
-        for database in databases {
+        for (database, _) in self.slots() {
             let newest = self.generation.load(Ordering::Acquire);
             if let Err(error) = self.refresh(&database, newest, 0).await {
                 warn!(%database, %error, "catalog refresh failed; keeping the previous catalog");
@@ -351,19 +344,20 @@ impl Engine {
         }
     }
 
+    /// Every database with a slot, and the slot, taken out of the map's lock.
+    fn slots(&self) -> Vec<(String, Arc<DatabaseSlot>)> {
+        self.databases
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.clone()))
+            .collect()
+    }
+
     /// Starts a schema-change listener for every database with a catalog that has none
     /// yet. Called periodically from the runtime that should run the listeners.
     pub fn watch_schema_changes(self: &Arc<Self>) {
-        let slots: Vec<(String, Arc<DatabaseSlot>)> = {
-            let databases = self
-                .databases
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            databases
-                .iter()
-                .map(|(name, slot)| (name.clone(), slot.clone()))
-                .collect()
-        };
+        let slots = self.slots();
         for (database, slot) in slots {
             if read(&slot.current).is_none() || slot.watched.swap(true, Ordering::AcqRel) {
                 continue;
@@ -431,16 +425,7 @@ impl Engine {
         let _reloading = self.reloading.lock().await;
         let policy = Arc::new(Policy::load(&self.policy_path)?);
         enforceable(&policy, self.hash_key.as_ref())?;
-        let slots: Vec<(String, Arc<DatabaseSlot>)> = {
-            let databases = self
-                .databases
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            databases
-                .iter()
-                .map(|(name, slot)| (name.clone(), slot.clone()))
-                .collect()
-        };
+        let slots = self.slots();
         // Each database's loading lock is held from its read to the publication of
         // all of them, so no refresh can publish a fresher catalog in between that
         // this reload would then overwrite.
