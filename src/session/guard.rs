@@ -185,17 +185,17 @@ const MAX_REMEMBERED_PORTALS: usize = 4096;
 struct SentRequests {
     /// Statement name → whether it runs another statement (`FETCH`, `EXECUTE`).
     statements: HashMap<Vec<u8>, bool>,
-    /// Portal name → whether it runs another statement, and `executions` at its Bind.
+    /// Portal name → whether it runs another statement, and the executing requests
+    /// the client had sent at its Bind.
     portals: HashMap<Vec<u8>, (bool, u64)>,
-    /// Executing requests sent (Query, Execute, FunctionCall).
-    executions: u64,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
 }
 
 impl SentRequests {
     /// Records a client message; for an Execute, whether its portal may be described.
-    fn record(&mut self, tag: u8, body: &[u8]) -> Result<bool, GuardError> {
+    /// `executions`: the executing requests sent before this message.
+    fn record(&mut self, tag: u8, body: &[u8], executions: u64) -> Result<bool, GuardError> {
         match tag {
             b'P' => {
                 let parse = Parse::decode(body)?;
@@ -219,19 +219,17 @@ impl SentRequests {
                     self.forgot_portals = true;
                 }
                 self.portals
-                    .insert(names.portal.to_vec(), (runs_another, self.executions));
+                    .insert(names.portal.to_vec(), (runs_another, executions));
             }
             b'E' => {
                 let portal = execute_portal(body)?;
                 let describable = match self.portals.get(portal) {
-                    Some(&(runs_another, bound_at)) => !runs_another || bound_at == self.executions,
+                    Some(&(runs_another, bound_at)) => !runs_another || bound_at == executions,
                     // A cursor made by SQL DECLARE: its columns are fixed.
                     None => !self.forgot_portals,
                 };
-                self.executions += 1;
                 return Ok(describable);
             }
-            b'Q' | b'F' => self.executions += 1,
             _ => {}
         }
         Ok(false)
@@ -397,7 +395,13 @@ impl ReadGuard {
     /// restricted role's next request waits for a catalog that includes it; for a
     /// restricted role, every Execute is preceded by pgveil's own Describe of its
     /// portal.
-    pub fn on_client_message(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
+    /// Called before `state` records the message.
+    pub fn on_client_message(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Verdict, GuardError> {
         if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
             if self.memberships_epoch != self.engine.membership_epoch()
                 || Instant::now() >= self.memberships_due
@@ -425,7 +429,7 @@ impl ReadGuard {
                 }
             }
         }
-        let describable = self.sent.record(tag, body)?;
+        let describable = self.sent.record(tag, body, state.executions_sent())?;
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
             // ran, may not match the rows: search_path, views and cursors can change in

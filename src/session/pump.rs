@@ -372,7 +372,7 @@ impl Pump {
             let verdict = match self.direction {
                 Direction::ClientToServer => {
                     let verdict = match shared.guard.as_mut() {
-                        Some(guard) => guard.on_client_message(header.tag, body)?,
+                        Some(guard) => guard.on_client_message(&shared.state, header.tag, body)?,
                         None => Verdict::Forward,
                     };
                     if let Verdict::DescribeFirst(portal) = &verdict {

@@ -185,6 +185,11 @@ impl SessionState {
         }
     }
 
+    /// Executing requests (Query, Execute, FunctionCall) the client has sent so far.
+    pub fn executions_sent(&self) -> u64 {
+        self.executions_sent
+    }
+
     pub fn transaction_status(&self) -> TransactionStatus {
         self.transaction
     }
