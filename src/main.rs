@@ -58,10 +58,19 @@ enum Command {
 enum AuditCommand {
     /// Check the hash chain of an audit log: exit 0 with the record count when it is
     /// intact, exit 1 naming the first record that was edited, removed or reordered.
-    #[command(after_help = "Example:\n  pgveil audit verify /var/log/pgveil/audit.jsonl")]
+    /// After log rotation the chain continues from file to file: give them oldest first.
+    #[command(
+        after_help = "Examples:\n  pgveil audit verify /var/log/pgveil/audit.jsonl\n  pgveil audit verify audit.jsonl.2 audit.jsonl.1 audit.jsonl\n  pgveil audit verify --partial audit.jsonl   # the older files are gone"
+    )]
     Verify {
-        /// Audit log (JSON lines).
-        file: PathBuf,
+        /// Audit log files (JSON lines), oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The first file may continue a chain whose start is gone (rotated away);
+        /// prints the seq and prev_hash it starts from. Records removed before its
+        /// first one cannot be noticed.
+        #[arg(long)]
+        partial: bool,
     },
 }
 
@@ -134,7 +143,7 @@ fn main() -> ExitCode {
             database,
         }) => policy_check(&file, config.as_deref(), database),
         Command::Policy(PolicyCommand::Explain { file, role }) => policy_explain(&file, &role),
-        Command::Audit(AuditCommand::Verify { file }) => audit_verify(&file),
+        Command::Audit(AuditCommand::Verify { files, partial }) => audit_verify(&files, partial),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,19 +222,31 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn audit_verify(file: &std::path::Path) -> Result<()> {
-    let opened = std::fs::File::open(file)
-        .with_context(|| format!("cannot open audit log {}", file.display()))?;
-    match pgveil::observe::audit::verify(std::io::BufReader::new(opened)) {
-        Ok(count) => {
-            println!("{}: {count} records, hash chain intact", file.display());
-            Ok(())
-        }
-        Err(broken) => {
-            eprintln!("pgveil: {}: {broken}", file.display());
-            Err(Reported.into())
+fn audit_verify(files: &[PathBuf], partial: bool) -> Result<()> {
+    use pgveil::observe::audit::ChainVerifier;
+    let mut chain = if partial {
+        ChainVerifier::from_anywhere()
+    } else {
+        ChainVerifier::from_genesis()
+    };
+    let mut total = 0;
+    for file in files {
+        let opened = std::fs::File::open(file)
+            .with_context(|| format!("cannot open audit log {}", file.display()))?;
+        match chain.check(std::io::BufReader::new(opened)) {
+            Ok(count) => total += count,
+            Err(broken) => {
+                eprintln!("pgveil: {}: {broken}", file.display());
+                return Err(Reported.into());
+            }
         }
     }
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    println!("{}: {total} records, hash chain intact", names.join(", "));
+    if let Some((seq, prev_hash)) = chain.started_at() {
+        println!("the chain starts at seq {seq} after prev_hash {prev_hash}: match it against the last record of the file before");
+    }
+    Ok(())
 }
 
 /// Exit code 1 with every problem already printed.

@@ -100,55 +100,107 @@ pub struct ChainBroken {
     pub problem: String,
 }
 
-/// Checks every line of an audit file; the number of records when the chain is intact.
+/// Checks every line of an audit file that starts the chain; the number of records
+/// when the chain is intact.
 pub fn verify(reader: impl BufRead) -> Result<u64, ChainBroken> {
-    let mut expected_prev = GENESIS_HASH.to_string();
-    let mut count = 0u64;
-    for (index, line) in reader.lines().enumerate() {
-        let line_number = index as u64 + 1;
-        let broken = |problem: String| ChainBroken {
-            line: line_number,
-            problem,
-        };
-        let line = line.map_err(|error| broken(format!("cannot read: {error}")))?;
-        if line.is_empty() {
-            return Err(broken("empty line".into()));
+    ChainVerifier::from_genesis().check(reader)
+}
+
+/// Follows one hash chain through one or more files (a log and its rotations, oldest
+/// first).
+pub struct ChainVerifier {
+    /// The `seq` and `prev_hash` the next record must have; `None` until the first
+    /// record of a chain checked from its middle.
+    expected: Option<(u64, String)>,
+    /// Where a chain checked from its middle started: its first `seq` and `prev_hash`.
+    started_at: Option<(u64, String)>,
+}
+
+impl ChainVerifier {
+    /// A chain whose first record is `seq` 1 after the genesis hash.
+    pub fn from_genesis() -> ChainVerifier {
+        ChainVerifier {
+            expected: Some((1, GENESIS_HASH.to_string())),
+            started_at: None,
         }
-        let value: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|error| broken(format!("not a JSON record: {error}")))?;
-        let seq = value.get("seq").and_then(serde_json::Value::as_u64);
-        let prev_hash = value.get("prev_hash").and_then(serde_json::Value::as_str);
-        let hash = value.get("hash").and_then(serde_json::Value::as_str);
-        let (Some(seq), Some(prev_hash), Some(hash)) = (seq, prev_hash, hash) else {
-            return Err(broken("record lacks seq, prev_hash or hash".into()));
-        };
-        if seq != count + 1 {
-            return Err(broken(format!(
-                "record seq {seq} where {} was expected: records were removed, added or reordered",
-                count + 1
-            )));
-        }
-        if prev_hash != expected_prev {
-            return Err(broken(format!(
-                "record seq {seq}: prev_hash does not match the hash of the record before it"
-            )));
-        }
-        let suffix = format!(",\"hash\":\"{hash}\"}}");
-        let Some(unhashed_body) = line.strip_suffix(&suffix) else {
-            return Err(broken(format!(
-                "record seq {seq}: hash is not the last member"
-            )));
-        };
-        let unhashed = format!("{unhashed_body}}}");
-        if chain_hash(prev_hash, &unhashed) != hash {
-            return Err(broken(format!(
-                "record seq {seq}: hash does not match its content (the record was edited)"
-            )));
-        }
-        expected_prev = hash.to_string();
-        count += 1;
     }
-    Ok(count)
+
+    /// A chain checked from wherever its first record is: for a file whose earlier
+    /// records were rotated away. Records removed before that first one cannot be
+    /// noticed; [`Self::started_at`] says what to match against the previous file.
+    pub fn from_anywhere() -> ChainVerifier {
+        ChainVerifier {
+            expected: None,
+            started_at: None,
+        }
+    }
+
+    /// The first `seq` and `prev_hash` of a chain checked from its middle.
+    pub fn started_at(&self) -> Option<&(u64, String)> {
+        self.started_at.as_ref()
+    }
+
+    /// Checks the next file of the chain; the number of records in it. Line numbers in
+    /// the error count from this file's start.
+    pub fn check(&mut self, reader: impl BufRead) -> Result<u64, ChainBroken> {
+        let mut count = 0u64;
+        for (index, line) in reader.lines().enumerate() {
+            let line_number = index as u64 + 1;
+            let broken = |problem: String| ChainBroken {
+                line: line_number,
+                problem,
+            };
+            let line = line.map_err(|error| broken(format!("cannot read: {error}")))?;
+            if line.is_empty() {
+                return Err(broken("empty line".into()));
+            }
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|error| broken(format!("not a JSON record: {error}")))?;
+            let seq = value.get("seq").and_then(serde_json::Value::as_u64);
+            let prev_hash = value.get("prev_hash").and_then(serde_json::Value::as_str);
+            let hash = value.get("hash").and_then(serde_json::Value::as_str);
+            let (Some(seq), Some(prev_hash), Some(hash)) = (seq, prev_hash, hash) else {
+                return Err(broken("record lacks seq, prev_hash or hash".into()));
+            };
+            let (expected_seq, expected_prev) = match &self.expected {
+                Some(expected) => expected.clone(),
+                None => {
+                    self.started_at = Some((seq, prev_hash.to_string()));
+                    (seq, prev_hash.to_string())
+                }
+            };
+            if seq != expected_seq {
+                let hint = if expected_seq == 1 && self.started_at.is_none() && count == 0 {
+                    " (a rotated log continues the chain of the file before it: give that file first, or use --partial)"
+                } else {
+                    ""
+                };
+                return Err(broken(format!(
+                    "record seq {seq} where {expected_seq} was expected: records were removed, added or reordered{hint}"
+                )));
+            }
+            if prev_hash != expected_prev {
+                return Err(broken(format!(
+                    "record seq {seq}: prev_hash does not match the hash of the record before it"
+                )));
+            }
+            let suffix = format!(",\"hash\":\"{hash}\"}}");
+            let Some(unhashed_body) = line.strip_suffix(&suffix) else {
+                return Err(broken(format!(
+                    "record seq {seq}: hash is not the last member"
+                )));
+            };
+            let unhashed = format!("{unhashed_body}}}");
+            if chain_hash(prev_hash, &unhashed) != hash {
+                return Err(broken(format!(
+                    "record seq {seq}: hash does not match its content (the record was edited)"
+                )));
+            }
+            self.expected = Some((seq + 1, hash.to_string()));
+            count += 1;
+        }
+        Ok(count)
+    }
 }
 
 /// RFC 3339 UTC with milliseconds for a time since the Unix epoch.
@@ -288,6 +340,32 @@ mod tests {
         let mut garbage = lines;
         garbage[0] = "not json".into();
         assert_eq!(verify_lines(&garbage).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn a_chain_continues_across_files_and_may_be_checked_from_its_middle() {
+        let lines = chain(5);
+        let (old, new) = lines.split_at(3);
+        let mut across = ChainVerifier::from_genesis();
+        assert_eq!(across.check(old.join("\n").as_bytes()), Ok(3));
+        assert_eq!(across.check(new.join("\n").as_bytes()), Ok(2));
+
+        // The newer file alone does not start the chain...
+        let alone = verify(new.join("\n").as_bytes()).unwrap_err();
+        assert!(alone.problem.contains("--partial"), "{alone}");
+        // ...but checks as a fragment, reporting where it starts.
+        let mut fragment = ChainVerifier::from_anywhere();
+        assert_eq!(fragment.check(new.join("\n").as_bytes()), Ok(2));
+        assert_eq!(fragment.started_at().unwrap().0, 4);
+
+        // A fragment still has to hold together.
+        let mut gap = new.to_vec();
+        gap.insert(0, lines[1].clone());
+        let mut fragment = ChainVerifier::from_anywhere();
+        assert_eq!(
+            fragment.check(gap.join("\n").as_bytes()).unwrap_err().line,
+            2
+        );
     }
 
     /// Expected values checked with Python's `datetime.fromtimestamp(…, timezone.utc)`.

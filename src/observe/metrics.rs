@@ -14,7 +14,7 @@ use prometheus::{
 
 /// Every metric pgveil exposes (SPEC.md), for documents and dashboards to be checked
 /// against.
-pub const METRIC_NAMES: [&str; 11] = [
+pub const METRIC_NAMES: [&str; 14] = [
     "pgveil_client_connections",
     "pgveil_connections_total",
     "pgveil_queries_total",
@@ -26,6 +26,9 @@ pub const METRIC_NAMES: [&str; 11] = [
     "pgveil_query_duration_seconds",
     "pgveil_policy_reloads_total",
     "pgveil_upstream_errors_total",
+    "pgveil_audit_records_total",
+    "pgveil_audit_records_lost_total",
+    "pgveil_audit_write_errors_total",
 ];
 
 /// Values of the `kind` label of `pgveil_queries_total` and
@@ -103,6 +106,8 @@ pub enum DenyReason {
     Unparseable,
     /// An operation pgveil cannot apply correctly (a mask on a binary non-text value).
     UnsupportedOnEncrypted,
+    /// The audit log cannot be written and `audit.on_failure` is `refuse`.
+    AuditUnavailable,
 }
 
 impl DenyReason {
@@ -113,6 +118,7 @@ impl DenyReason {
             DenyReason::ExportDenied => "export_denied",
             DenyReason::Unparseable => "unparseable",
             DenyReason::UnsupportedOnEncrypted => "unsupported_on_encrypted",
+            DenyReason::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -130,6 +136,9 @@ pub struct Metrics {
     pub query_duration_seconds: HistogramVec,
     pub policy_reloads_total: IntCounterVec,
     pub upstream_errors_total: IntCounter,
+    pub audit_records_total: IntCounter,
+    pub audit_records_lost_total: IntCounter,
+    pub audit_write_errors_total: IntCounter,
 }
 
 /// The metrics of this process.
@@ -226,6 +235,18 @@ impl Metrics {
                 "pgveil_upstream_errors_total",
                 "Sessions that failed because of the upstream server (unreachable, TLS, lost, invalid messages)",
             ),
+            audit_records_total: counter(
+                "pgveil_audit_records_total",
+                "Audit records written to the audit log",
+            ),
+            audit_records_lost_total: counter(
+                "pgveil_audit_records_lost_total",
+                "Audit records dropped because the audit log's queue was full (the writer could not keep up or could not write)",
+            ),
+            audit_write_errors_total: counter(
+                "pgveil_audit_write_errors_total",
+                "Failed attempts to open or write the audit log (each is retried)",
+            ),
             registry,
         }
     }
@@ -309,6 +330,9 @@ mod tests {
             ("pgveil_query_duration_seconds", "histogram"),
             ("pgveil_policy_reloads_total", "counter"),
             ("pgveil_upstream_errors_total", "counter"),
+            ("pgveil_audit_records_total", "counter"),
+            ("pgveil_audit_records_lost_total", "counter"),
+            ("pgveil_audit_write_errors_total", "counter"),
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
