@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 use crate::observe;
+use crate::observe::audit_log::{AuditLog, AuditLogError};
 use crate::session::{serve_client, ProxyContext, UpstreamTls};
 use crate::tls::{self, TlsError};
 
@@ -42,6 +43,8 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Policy(#[from] EngineError),
+    #[error("audit: {0}")]
+    Audit(#[from] AuditLogError),
 }
 
 /// How often every loaded catalog is read again, to notice DDL that did not pass
@@ -74,7 +77,24 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
         Some(_) => Some(Arc::new(Engine::new(&config)?)),
         None => None,
     };
-    Ok(ProxyContext::new(config, client_tls, upstream_tls, engine))
+    let audit = match &config.audit {
+        Some(settings) => {
+            let log = AuditLog::start(settings)?;
+            match log.problem() {
+                None => info!(path = %log.target(), all_statements = settings.all_statements, "audit log open"),
+                Some(problem) => error!(%problem, "audit log cannot be written yet; retrying every second"),
+            }
+            Some(log)
+        }
+        None => None,
+    };
+    Ok(ProxyContext::new(
+        config,
+        client_tls,
+        upstream_tls,
+        engine,
+        audit,
+    ))
 }
 
 /// Binds the admin endpoint up front, so a busy port stops start-up with a clear error.
@@ -94,6 +114,9 @@ fn bind_admin(address: SocketAddr) -> Result<std::net::TcpListener, ServerError>
 async fn readiness(ctx: &ProxyContext) -> Result<(), String> {
     if let Some(engine) = &ctx.engine {
         engine.readiness()?;
+    }
+    if let Some(problem) = ctx.audit.as_ref().and_then(|audit| audit.problem()) {
+        return Err(format!("audit log: {problem}"));
     }
     let upstream = (ctx.config.upstream.host.as_str(), ctx.config.upstream.port);
     match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(upstream)).await {
@@ -169,6 +192,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             engine.check_startup().await?;
             tokio::spawn(maintain_policy(engine.clone()));
         }
+        if let Some(audit) = &ctx.audit {
+            tokio::spawn(reopen_audit_on_hangup(audit.clone()));
+        }
         if let Some(admin) = admin {
             let listener = TcpListener::from_std(admin).map_err(|error| ServerError::Listen {
                 address: format!("admin {:?}", ctx.config.admin),
@@ -192,8 +218,32 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             error!("a worker thread panicked");
         }
     }
+    if let Some(audit) = &ctx.audit {
+        if !audit.flush(AUDIT_FLUSH_LIMIT) {
+            error!(path = %audit.target(), "audit records still queued at exit could not be written");
+        }
+    }
     info!("pgveil stopped");
     result
+}
+
+/// How long pgveil waits at exit for queued audit records to be written.
+const AUDIT_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Reopens the audit log on SIGHUP, so logrotate can move the file away.
+async fn reopen_audit_on_hangup(audit: Arc<AuditLog>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            warn!(%error, "cannot watch SIGHUP; the audit log will not be reopened after rotation");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        info!(path = %audit.target(), "SIGHUP received: reopening the audit log");
+        audit.reopen();
+    }
 }
 
 /// What the acceptor tells a worker.

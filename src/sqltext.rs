@@ -64,6 +64,254 @@ pub fn may_modify_data(sql: &[u8]) -> bool {
     })
 }
 
+/// What the lexer reports of SQL text: names, and the punctuation that delimits
+/// statements. Literals, comments and operators are skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lexeme<'a> {
+    /// An identifier or keyword as PostgreSQL resolves it: unquoted ones folded to
+    /// lower case (ASCII only, as PostgreSQL does for multibyte encodings), quoted ones
+    /// exact with `""` turned into `"`.
+    Name(std::borrow::Cow<'a, str>),
+    Semicolon,
+    Open,
+    Close,
+    /// Anything else that is not whitespace or a comment (literals, operators).
+    Other,
+    /// The rest of the text, which cannot be read to its end: an unterminated string,
+    /// quoted name, dollar quote or comment. Always the last lexeme.
+    Unreadable,
+}
+
+/// The lexemes of `sql`, each with the byte offset just past it.
+pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
+    let mut at = 0;
+    let unreadable = (Lexeme::Unreadable, sql.len());
+    std::iter::from_fn(move || loop {
+        let byte = *sql.get(at)?;
+        let next = sql.get(at + 1).copied();
+        let (lexeme, end) = match byte {
+            b if b.is_ascii_whitespace() => {
+                at += 1;
+                continue;
+            }
+            b'-' if next == Some(b'-') => {
+                at = sql[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(sql.len(), |end| at + end);
+                continue;
+            }
+            b'/' if next == Some(b'*') => match block_comment_end(sql, at + 2) {
+                Some(end) => {
+                    at = end;
+                    continue;
+                }
+                None => unreadable.clone(),
+            },
+            b';' => (Lexeme::Semicolon, at + 1),
+            b'(' => (Lexeme::Open, at + 1),
+            b')' => (Lexeme::Close, at + 1),
+            b'\'' => quoted_end(sql, at, false)
+                .map_or_else(|| unreadable.clone(), |end| (Lexeme::Other, end)),
+            b'"' => {
+                let mut end = at + 1;
+                let closed = loop {
+                    match sql.get(end) {
+                        None => break false,
+                        Some(b'"') if sql.get(end + 1) == Some(&b'"') => end += 2,
+                        Some(b'"') => break true,
+                        Some(_) => end += 1,
+                    }
+                };
+                if closed {
+                    let name =
+                        String::from_utf8_lossy(&sql[at + 1..end]).replace("\"\"", "\"");
+                    (Lexeme::Name(name.into()), end + 1)
+                } else {
+                    unreadable.clone()
+                }
+            }
+            b'$' if next.is_some_and(|b| b.is_ascii_digit()) => {
+                let end = sql[at + 1..]
+                    .iter()
+                    .position(|b| !b.is_ascii_digit())
+                    .map_or(sql.len(), |end| at + 1 + end);
+                (Lexeme::Other, end)
+            }
+            b'$' => match dollar_quote_end(sql, at) {
+                Some(Ok(end)) => (Lexeme::Other, end),
+                Some(Err(())) => unreadable.clone(),
+                None => (Lexeme::Other, at + 1),
+            },
+            b if b.is_ascii_digit() || (b == b'.' && next.is_some_and(|n| n.is_ascii_digit())) => {
+                (Lexeme::Other, number_end(sql, at))
+            }
+            b if is_identifier_start(b) => {
+                let end = sql[at..]
+                    .iter()
+                    .position(|&b| !is_identifier_part(b))
+                    .map_or(sql.len(), |end| at + end);
+                let word = &sql[at..end];
+                let string_prefix = matches!(word, [b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N'])
+                    && sql.get(end) == Some(&b'\'');
+                let unicode = matches!(word, [b'u' | b'U']) && sql.get(end) == Some(&b'&');
+                if string_prefix {
+                    let backslashes = matches!(word, [b'e' | b'E']);
+                    quoted_end(sql, end, backslashes)
+                        .map_or_else(|| unreadable.clone(), |end| (Lexeme::Other, end))
+                } else if unicode {
+                    // U&'…' or U&"…": skip the prefix; the quote is read next.
+                    (Lexeme::Other, end + 1)
+                } else {
+                    let name = String::from_utf8_lossy(word).to_ascii_lowercase();
+                    (Lexeme::Name(name.into()), end)
+                }
+            }
+            _ => (Lexeme::Other, at + 1),
+        };
+        at = end;
+        return Some((lexeme, end));
+    })
+}
+
+/// The statements of a simple Query, split at semicolons outside parentheses,
+/// literals and comments; empty ones are left out, as PostgreSQL skips them. Text the
+/// lexer cannot read to its end is one last statement.
+pub fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut depth = 0usize;
+    let mut empty = true;
+    for (lexeme, after) in lexemes(sql) {
+        match lexeme {
+            Lexeme::Semicolon if depth == 0 => {
+                if !empty {
+                    statements.push(sql[start..after - 1].trim_ascii());
+                }
+                start = after;
+                empty = true;
+                continue;
+            }
+            Lexeme::Open => depth += 1,
+            Lexeme::Close => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        empty = false;
+    }
+    if !empty {
+        statements.push(sql[start..].trim_ascii());
+    }
+    statements
+}
+
+/// Whether `sql` names one of `names` (relation names as the catalog spells them),
+/// schema-qualified or not, quoted or not. Text that cannot be read to its end may
+/// name anything, so it counts as naming one.
+pub fn names_any(sql: &[u8], names: &std::collections::HashSet<String>) -> bool {
+    if names.is_empty() {
+        return false;
+    }
+    lexemes(sql).any(|(lexeme, _)| match lexeme {
+        Lexeme::Name(name) => names.contains(name.as_ref()),
+        Lexeme::Unreadable => true,
+        _ => false,
+    })
+}
+
+pub(crate) fn is_identifier_start(byte: u8) -> bool {
+    byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
+}
+
+pub(crate) fn is_identifier_part(byte: u8) -> bool {
+    is_identifier_start(byte) || byte.is_ascii_digit() || byte == b'$'
+}
+
+/// Where a quoted string starting at `start` (its opening quote) ends, just past its
+/// closing quote; `None` when it is not closed. `''` is a quote inside; with
+/// `backslashes` (E'…'), so is `\'`.
+pub(crate) fn quoted_end(sql: &[u8], start: usize, backslashes: bool) -> Option<usize> {
+    let mut at = start + 1;
+    while at < sql.len() {
+        match sql[at] {
+            b'\\' if backslashes => at += 2,
+            b'\'' if sql.get(at + 1) == Some(&b'\'') => at += 2,
+            b'\'' => return Some(at + 1),
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// Just past the `*/` closing a block comment whose body starts at `from`; block
+/// comments nest.
+pub(crate) fn block_comment_end(sql: &[u8], from: usize) -> Option<usize> {
+    let mut depth = 1;
+    let mut at = from;
+    while at + 1 < sql.len() {
+        match (sql[at], sql[at + 1]) {
+            (b'*', b'/') => {
+                depth -= 1;
+                at += 2;
+                if depth == 0 {
+                    return Some(at);
+                }
+            }
+            (b'/', b'*') => {
+                depth += 1;
+                at += 2;
+            }
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// A dollar-quoted string starting at `start`: `Some(Ok(end))` just past its closing
+/// delimiter, `Some(Err(()))` when it is never closed, `None` when the `$` starts no
+/// dollar quote.
+pub(crate) fn dollar_quote_end(sql: &[u8], start: usize) -> Option<Result<usize, ()>> {
+    let tag_len = sql[start + 1..]
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80))?;
+    let close = start + 1 + tag_len;
+    if sql.get(close) != Some(&b'$') {
+        return None;
+    }
+    if tag_len > 0 && sql[start + 1].is_ascii_digit() {
+        return None;
+    }
+    let delimiter = &sql[start..=close];
+    let body = close + 1;
+    Some(
+        sql[body..]
+            .windows(delimiter.len())
+            .position(|window| window == delimiter)
+            .map(|found| body + found + delimiter.len())
+            .ok_or(()),
+    )
+}
+
+/// Just past a numeric literal starting at `start`.
+pub(crate) fn number_end(sql: &[u8], start: usize) -> usize {
+    let mut at = start;
+    let mut seen_exponent = false;
+    while at < sql.len() {
+        let byte = sql[at];
+        if byte.is_ascii_digit() || byte == b'.' || byte == b'_' {
+            at += 1;
+        } else if (byte == b'e' || byte == b'E') && !seen_exponent {
+            seen_exponent = true;
+            at += 1;
+            if matches!(sql.get(at), Some(b'+' | b'-')) {
+                at += 1;
+            }
+        } else {
+            break;
+        }
+    }
+    at
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +335,41 @@ mod tests {
         assert!(runs_another_statement(b"/**/EXECUTE p"));
         assert!(!runs_another_statement(b"select * from fetch"));
         assert!(!runs_another_statement(b"explain execute p"));
+    }
+
+    #[test]
+    fn splits_a_query_into_its_statements() {
+        let split = |sql: &str| -> Vec<String> {
+            split_statements(sql.as_bytes())
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        };
+        assert_eq!(split("select 1"), ["select 1"]);
+        assert_eq!(split("select 1; select 2;"), ["select 1", "select 2"]);
+        assert_eq!(
+            split("select ';' ; /* ; */ select $$;$$ -- ;\n; ;"),
+            ["select ';'", "/* ; */ select $$;$$ -- ;"]
+        );
+        assert_eq!(
+            split("create rule r as on insert to t do also (insert into a values (1); delete from b); select 1"),
+            ["create rule r as on insert to t do also (insert into a values (1); delete from b)", "select 1"]
+        );
+        assert_eq!(split("select 'unterminated; select 2"), ["select 'unterminated; select 2"]);
+        assert!(split(" ; -- nothing").is_empty());
+    }
+
+    #[test]
+    fn finds_names_whatever_their_case_or_quoting() {
+        let names: std::collections::HashSet<String> =
+            ["customers".to_string(), "Mixed Case".to_string()].into();
+        assert!(names_any(b"SELECT * FROM Customers", &names));
+        assert!(names_any(b"select 1 from public.\"customers\" c", &names));
+        assert!(names_any(b"update \"Mixed Case\" set x = 1", &names));
+        assert!(!names_any(b"select 'customers', \"Customers\" from t -- customers", &names));
+        assert!(!names_any(b"select * from customers_archive", &names));
+        assert!(names_any(b"select * from t /* unterminated", &names));
+        assert!(!names_any(b"select * from \"mixed case\"", &names));
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct CatalogSnapshot {
     views: HashSet<u32>,
     /// Protected columns that rules returning rows read (sorted, no duplicates).
     rule_sources: Vec<ColumnId>,
+    /// Names (`relname`, as the catalog spells them) of the relations with protected
+    /// columns: policy tables, their partitions and children, views showing them.
+    protected_names: HashSet<String>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
@@ -105,6 +108,12 @@ impl CatalogSnapshot {
     /// directly or through views. Empty when no such rule exists.
     pub fn reading_rule_sources(&self) -> &[ColumnId] {
         &self.rule_sources
+    }
+
+    /// Whether statement text names a relation with protected columns (by name only:
+    /// a lexical test that may say yes for a same-named relation in another schema).
+    pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
+        crate::sqltext::names_any(sql, &self.protected_names)
     }
 
     /// Number of result columns (base, partition, child and view) that carry protected
@@ -199,15 +208,17 @@ impl CatalogSnapshot {
         let relations = client
             .query(
                 &format!(
-                    "SELECT oid, relkind IN ('v', 'm') FROM pg_catalog.pg_class \
+                    "SELECT oid, relkind IN ('v', 'm'), relname::text FROM pg_catalog.pg_class \
                       WHERE relkind IN {READABLE_RELKINDS}"
                 ),
                 &[],
             )
             .await
             .map_err(query_failed("relations"))?;
+        let mut relation_names: HashMap<u32, String> = HashMap::with_capacity(relations.len());
         for row in &relations {
             let oid = get::<u32>(row, 0, "relations")?;
+            relation_names.insert(oid, get(row, 2, "relations")?);
             snapshot.known_relations.insert(oid);
             if get::<bool>(row, 1, "relations")? {
                 snapshot.views.insert(oid);
@@ -376,6 +387,11 @@ impl CatalogSnapshot {
             }
         }
         snapshot.rule_sources = rule_sources.into_iter().collect();
+        snapshot.protected_names = snapshot
+            .columns
+            .keys()
+            .filter_map(|(oid, _)| relation_names.get(oid).cloned())
+            .collect();
         Ok(snapshot)
     }
 }

@@ -6,6 +6,11 @@
 //! must never let a literal through: text it cannot read to the end (an unterminated
 //! string or comment) is cut off behind a `?`.
 
+use crate::sqltext::{
+    block_comment_end, dollar_quote_end, is_identifier_part, is_identifier_start, number_end,
+    quoted_end,
+};
+
 /// The fingerprint of `sql`.
 pub fn fingerprint(sql: &[u8]) -> String {
     let mut out: Vec<u8> = Vec::with_capacity(sql.len());
@@ -135,100 +140,6 @@ pub fn fingerprint(sql: &[u8]) -> String {
         out.pop();
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn is_identifier_start(byte: u8) -> bool {
-    byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
-}
-
-fn is_identifier_part(byte: u8) -> bool {
-    is_identifier_start(byte) || byte.is_ascii_digit() || byte == b'$'
-}
-
-/// Where a quoted string starting at `start` (its opening quote) ends, just past its
-/// closing quote; `None` when it is not closed. `''` is a quote inside; with
-/// `backslashes` (E'…'), so is `\'`.
-fn quoted_end(sql: &[u8], start: usize, backslashes: bool) -> Option<usize> {
-    let mut at = start + 1;
-    while at < sql.len() {
-        match sql[at] {
-            b'\\' if backslashes => at += 2,
-            b'\'' if sql.get(at + 1) == Some(&b'\'') => at += 2,
-            b'\'' => return Some(at + 1),
-            _ => at += 1,
-        }
-    }
-    None
-}
-
-/// Just past the `*/` closing a block comment whose body starts at `from`; block
-/// comments nest.
-fn block_comment_end(sql: &[u8], from: usize) -> Option<usize> {
-    let mut depth = 1;
-    let mut at = from;
-    while at + 1 < sql.len() {
-        match (sql[at], sql[at + 1]) {
-            (b'*', b'/') => {
-                depth -= 1;
-                at += 2;
-                if depth == 0 {
-                    return Some(at);
-                }
-            }
-            (b'/', b'*') => {
-                depth += 1;
-                at += 2;
-            }
-            _ => at += 1,
-        }
-    }
-    None
-}
-
-/// A dollar-quoted string starting at `start`: `Some(Ok(end))` just past its closing
-/// delimiter, `Some(Err(()))` when it is never closed, `None` when the `$` starts no
-/// dollar quote.
-fn dollar_quote_end(sql: &[u8], start: usize) -> Option<Result<usize, ()>> {
-    let tag_len = sql[start + 1..]
-        .iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80))?;
-    let close = start + 1 + tag_len;
-    if sql.get(close) != Some(&b'$') {
-        return None;
-    }
-    if tag_len > 0 && sql[start + 1].is_ascii_digit() {
-        return None;
-    }
-    let delimiter = &sql[start..=close];
-    let body = close + 1;
-    Some(
-        sql[body..]
-            .windows(delimiter.len())
-            .position(|window| window == delimiter)
-            .map(|found| body + found + delimiter.len())
-            .ok_or(()),
-    )
-}
-
-/// Just past a numeric literal starting at `start`.
-fn number_end(sql: &[u8], start: usize) -> usize {
-    let mut at = start;
-    let mut seen_exponent = false;
-    while at < sql.len() {
-        let byte = sql[at];
-        if byte.is_ascii_digit() || byte == b'.' || byte == b'_' {
-            at += 1;
-        } else if (byte == b'e' || byte == b'E') && !seen_exponent {
-            seen_exponent = true;
-            at += 1;
-            if matches!(sql.get(at), Some(b'+' | b'-')) {
-                at += 1;
-            }
-        } else {
-            break;
-        }
-    }
-    at
 }
 
 #[cfg(test)]

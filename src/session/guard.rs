@@ -10,7 +10,7 @@
 //! relation, an undescribed portal or a malformed row is refused, not passed.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,8 @@ use tracing::{debug, info};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
+use crate::observe::audit::AuditColumn;
+use crate::observe::audit_log::AuditLog;
 use crate::observe::{metrics, DenyReason};
 use crate::policy::{Action, ColumnId, RoleId};
 use crate::protect::mask::{HashKey, Mask};
@@ -60,6 +62,30 @@ pub enum Verdict {
     DescribeFirst(Vec<u8>),
     /// Read the login's role memberships again, then show the same message again.
     AwaitMemberships,
+    /// Client Query or Execute only: send this frame instead, a request the server
+    /// answers with an error, which pgveil then replaces with its refusal. The server
+    /// fails the request as it would a real error (the transaction is aborted, an
+    /// extended-protocol batch is skipped up to Sync), so both sides stay in step.
+    Substitute(Vec<u8>),
+}
+
+/// How a statement ended, for the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Denied(DenyReason),
+}
+
+/// What a statement that just ended (or was refused) leaves for the audit log.
+#[derive(Debug)]
+pub struct Finished {
+    pub outcome: Outcome,
+    /// The protected columns of its result with what the role got of each, and the
+    /// column a refusal was about.
+    pub columns: Vec<AuditColumn>,
+    /// Rows sent to the client.
+    pub rows: u64,
 }
 
 /// A catalog refresh a message waits for.
@@ -165,6 +191,16 @@ pub struct ReadGuard {
     /// Those counters by (column, action), for the role and policy they were made for.
     served_cache: HashMap<(ColumnId, u8), IntCounter>,
     served_cache_for: Option<(RoleId, usize)>,
+    /// The audit log, when one is kept.
+    audit: Option<Arc<AuditLog>>,
+    /// The protected columns of the result being sent and the action of each, for the
+    /// audit log (kept only when there is one).
+    audited_columns: Vec<(ColumnId, &'static str)>,
+    /// The statement that just ended, until the audit log takes it.
+    finished: Option<Finished>,
+    /// Requests replaced by [`Verdict::Substitute`]: the executing requests sent before
+    /// each, and the refusal to show in place of the server's error.
+    substituted: VecDeque<(u64, Box<Refusal>)>,
 }
 
 /// Most portals [`SentRequests`] remembers; past that it starts afresh (a forgotten
@@ -183,19 +219,42 @@ const MAX_REMEMBERED_PORTALS: usize = 4096;
 /// `begin_execute_result` does anyway for such a portal.
 #[derive(Default)]
 struct SentRequests {
-    /// Statement name → whether it runs another statement (`FETCH`, `EXECUTE`).
-    statements: HashMap<Vec<u8>, bool>,
-    /// Portal name → whether it runs another statement, and the executing requests
+    /// Statement name → what is known of its text.
+    statements: HashMap<Vec<u8>, SentStatement>,
+    /// Portal name → what is known of its statement's text, and the executing requests
     /// the client had sent at its Bind.
-    portals: HashMap<Vec<u8>, (bool, u64)>,
+    portals: HashMap<Vec<u8>, (SentStatement, u64)>,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
 }
 
+/// What pgveil knows of a statement the client sent.
+#[derive(Debug, Clone, Copy)]
+struct SentStatement {
+    /// It runs another statement (`FETCH`, `EXECUTE`).
+    runs_another: bool,
+    /// Its text names a relation with protected columns (worked out only when an audit
+    /// log is kept).
+    names_protected: bool,
+}
+
+/// A statement pgveil never saw parsed: assume the worst.
+const UNKNOWN_STATEMENT: SentStatement = SentStatement {
+    runs_another: true,
+    names_protected: true,
+};
+
 impl SentRequests {
     /// Records a client message; for an Execute, whether its portal may be described.
-    /// `executions`: the executing requests sent before this message.
-    fn record(&mut self, tag: u8, body: &[u8], executions: u64) -> Result<bool, GuardError> {
+    /// `executions`: the executing requests sent before this message; `names_protected`
+    /// tells whether a statement's text names a relation with protected columns.
+    fn record(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        executions: u64,
+        names_protected: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, GuardError> {
         match tag {
             b'P' => {
                 let parse = Parse::decode(body)?;
@@ -204,27 +263,32 @@ impl SentRequests {
                 }
                 self.statements.insert(
                     parse.statement.to_vec(),
-                    runs_another_statement(parse.query),
+                    SentStatement {
+                        runs_another: runs_another_statement(parse.query),
+                        names_protected: names_protected(parse.query),
+                    },
                 );
             }
             b'B' => {
                 let names = BindNames::decode(body)?;
-                let runs_another = self
+                let statement = self
                     .statements
                     .get(names.statement)
                     .copied()
-                    .unwrap_or(true);
+                    .unwrap_or(UNKNOWN_STATEMENT);
                 if self.portals.len() >= MAX_REMEMBERED_PORTALS {
                     self.portals.clear();
                     self.forgot_portals = true;
                 }
                 self.portals
-                    .insert(names.portal.to_vec(), (runs_another, executions));
+                    .insert(names.portal.to_vec(), (statement, executions));
             }
             b'E' => {
                 let portal = execute_portal(body)?;
                 let describable = match self.portals.get(portal) {
-                    Some(&(runs_another, bound_at)) => !runs_another || bound_at == executions,
+                    Some(&(statement, bound_at)) => {
+                        !statement.runs_another || bound_at == executions
+                    }
                     // A cursor made by SQL DECLARE: its columns are fixed.
                     None => !self.forgot_portals,
                 };
@@ -234,6 +298,14 @@ impl SentRequests {
         }
         Ok(false)
     }
+
+    /// Whether the statement a portal runs may name a relation with protected columns
+    /// (a portal pgveil does not know may).
+    fn portal_names_protected(&self, portal: &[u8]) -> bool {
+        self.portals
+            .get(portal)
+            .is_none_or(|(statement, _)| statement.names_protected)
+    }
 }
 
 /// How soon a failed read of a login's role memberships is tried again.
@@ -242,12 +314,21 @@ const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 /// The `table` label of refusals that concern no one policy table.
 const UNKNOWN_TABLE: &str = "unknown";
 
-/// A refusal: the error the client gets, and how it is counted.
+/// A refusal: the error the client gets, and how it is counted and audited.
 #[derive(Debug)]
 struct Refusal {
     report: ErrorReport,
     reason: DenyReason,
     table: String,
+    /// The protected column it is about, when it is about one.
+    column: Option<ColumnId>,
+}
+
+impl Refusal {
+    fn about(mut self: Box<Self>, column: ColumnId) -> Box<Self> {
+        self.column = Some(column);
+        self
+    }
 }
 
 fn denied(
@@ -261,6 +342,7 @@ fn denied(
         report: ErrorReport::new(Severity::Error, sqlstate, message).with_hint(hint),
         reason,
         table,
+        column: None,
     })
 }
 
@@ -271,6 +353,7 @@ impl ReadGuard {
         user: String,
         memberships: Arc<HashSet<String>>,
         protection: Arc<Protection>,
+        audit: Option<Arc<AuditLog>>,
     ) -> ReadGuard {
         let role = protection.policy.role_for(&user, &memberships);
         info!(%user, %database, role = protection.policy.role_name(role), "policy role resolved");
@@ -299,7 +382,81 @@ impl ReadGuard {
             served_rows: 0,
             served_cache: HashMap::new(),
             served_cache_for: None,
+            audit,
+            audited_columns: Vec::new(),
+            finished: None,
+            substituted: VecDeque::new(),
         }
+    }
+
+    /// The statement that just ended or was refused, for the audit log.
+    pub fn take_finished(&mut self) -> Option<Finished> {
+        self.finished.take()
+    }
+
+    /// Whether `sql` names a relation with protected columns.
+    pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
+        self.protection.catalog.names_protected_relation(sql)
+    }
+
+    /// Statements touching protected columns must be refused: the audit log cannot be
+    /// written and `audit.on_failure` is `refuse`.
+    fn audit_blocked(&self) -> bool {
+        self.audit
+            .as_ref()
+            .is_some_and(|audit| audit.refuses_when_unwritable() && !audit.writable())
+    }
+
+    fn audit_refusal(&self, table: String) -> Box<Refusal> {
+        let problem = self
+            .audit
+            .as_ref()
+            .and_then(|audit| audit.problem())
+            .unwrap_or_default();
+        denied(
+            DenyReason::AuditUnavailable,
+            table,
+            "58030",
+            format!(
+                "pgveil: statements touching protected columns are refused while the audit log cannot be written ({problem}; role {})",
+                self.role_name()
+            ),
+            "statements that touch no protected column still run; the audit log recovers by itself once it can be written (see pgveil's log and /readyz)",
+        )
+    }
+
+    /// Records how the current result ended, for the audit log.
+    fn finish(&mut self, outcome: Outcome, rows: u64, refused_column: Option<ColumnId>) {
+        if self.audit.is_none() {
+            return;
+        }
+        let policy = &self.protection.policy;
+        let mut columns: Vec<AuditColumn> = Vec::with_capacity(self.audited_columns.len());
+        let mut add = |column: ColumnId, action: &str| {
+            let entry = AuditColumn {
+                table: policy.table_label(column),
+                column: policy.columns[column].name.clone(),
+                action: action.to_string(),
+            };
+            if !columns.contains(&entry) {
+                columns.push(entry);
+            }
+        };
+        if let Outcome::Denied(_) = outcome {
+            if let Some(column) = refused_column {
+                add(column, "deny");
+            }
+        } else {
+            for &(column, action) in &self.audited_columns {
+                add(column, action);
+            }
+        }
+        self.audited_columns.clear();
+        self.finished = Some(Finished {
+            outcome,
+            columns,
+            rows,
+        });
     }
 
     pub fn role_name(&self) -> &str {
@@ -374,7 +531,9 @@ impl ReadGuard {
             // changed since the last statement, and only `begin_execute_result` looks.
             b'D' => Some(match self.result {
                 ResultState::Pass => false,
-                ResultState::Idle => !self.unrestricted() || self.policy_changed(),
+                ResultState::Idle => {
+                    !self.unrestricted() || self.policy_changed() || self.audit_blocked()
+                }
                 _ => true,
             }),
             // Notices can quote values too (see `scrub_report`).
@@ -429,7 +588,25 @@ impl ReadGuard {
                 }
             }
         }
-        let describable = self.sent.record(tag, body, state.executions_sent())?;
+        let auditing = self.audit.is_some();
+        let catalog = &self.protection.catalog;
+        let describable = self.sent.record(tag, body, state.executions_sent(), |sql| {
+            auditing && catalog.names_protected_relation(sql)
+        })?;
+        if matches!(tag, b'Q' | b'E') && self.audit_blocked() {
+            let names_protected = match tag {
+                b'Q' => self.names_protected_relation(body),
+                _ => self.sent.portal_names_protected(execute_portal(body)?),
+            };
+            if names_protected {
+                // Only reads show their protected columns in the result; writes and
+                // filters are told apart by the relations they name.
+                let refusal = self.audit_refusal(UNKNOWN_TABLE.to_string());
+                self.substituted
+                    .push_back((state.executions_sent(), refusal));
+                return Ok(Verdict::Substitute(failing_request(tag)));
+            }
+        }
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
             // ran, may not match the rows: search_path, views and cursors can change in
@@ -472,6 +649,7 @@ impl ReadGuard {
         if tag == b'W' && !self.unrestricted() {
             // Replication and COPY BOTH streams carry row data pgveil cannot take apart.
             metrics().denied(self.role_name(), DenyReason::ExportDenied, UNKNOWN_TABLE);
+            self.finish(Outcome::Denied(DenyReason::ExportDenied), 0, None);
             return Err(GuardError::Refused(Box::new(
                 ErrorReport::new(
                     Severity::Fatal,
@@ -526,27 +704,54 @@ impl ReadGuard {
                         ),
                         "use SELECT, whose results pgveil masks per the policy",
                     ));
+                } else if tag == b'H'
+                    && self.audit_blocked()
+                    && state
+                        .current_statement_text()
+                        .is_none_or(|sql| self.names_protected_relation(sql))
+                {
+                    self.result =
+                        ResultState::Denied(self.audit_refusal(UNKNOWN_TABLE.to_string()));
                 }
                 Ok(self.during_result())
             }
             b'd' | b'c' | b'N' => Ok(self.during_result()),
             b'C' | b'I' | b's' | b'E' => {
+                let fatal = tag == b'E' && error_is_fatal(body);
+                if tag == b'E' && !fatal {
+                    if let Some(refusal) = self.substitution_answered(state) {
+                        self.finish(Outcome::Denied(refusal.reason), 0, refusal.column);
+                        return Ok(Verdict::Replace(self.refuse(&refusal)));
+                    }
+                }
                 if tag != b'E' {
                     self.begin_execute_result(state)?;
                 }
+                let rows_sent = self.served_rows;
                 self.count_served();
                 if tag == b'C' {
                     self.note_command(command_tag(body));
                 }
-                let fatal = tag == b'E' && error_is_fatal(body);
                 match std::mem::replace(&mut self.result, ResultState::Idle) {
                     ResultState::Denied(report) if !fatal => {
                         // What the client sees instead of the statement's completion; the
                         // rest up to ReadyForQuery is skipped like after a real error.
                         self.draining = true;
+                        self.finish(Outcome::Denied(report.reason), 0, report.column);
                         Ok(Verdict::Replace(self.refuse(&report)))
                     }
-                    _ => Ok(Verdict::Forward),
+                    _ => {
+                        match tag {
+                            b'C' => {
+                                let rows = command_rows(command_tag(body)).unwrap_or(rows_sent);
+                                self.finish(Outcome::Ok, rows, None);
+                            }
+                            b's' => self.finish(Outcome::Ok, rows_sent, None),
+                            b'E' => self.finish(Outcome::Error, rows_sent, None),
+                            _ => self.audited_columns.clear(),
+                        }
+                        Ok(Verdict::Forward)
+                    }
                 }
             }
             b'Z' => {
@@ -556,6 +761,34 @@ impl ReadGuard {
                 Ok(Verdict::Forward)
             }
             _ => Ok(Verdict::Forward),
+        }
+    }
+
+    /// The refusal standing for the request the server's error answers, when that
+    /// request was one pgveil substituted.
+    fn substitution_answered(&mut self, state: &SessionState) -> Option<Box<Refusal>> {
+        if self.substituted.is_empty() {
+            return None;
+        }
+        let answering = match state.next_expected() {
+            Some(
+                Expected::SimpleQuery { sent_after, .. } | Expected::ExecuteResult { sent_after, .. },
+            ) => *sent_after,
+            _ => return None,
+        };
+        // Substituted requests the server skipped (after an earlier error) got no answer.
+        while self
+            .substituted
+            .front()
+            .is_some_and(|(sent_after, _)| *sent_after < answering)
+        {
+            self.substituted.pop_front();
+        }
+        match self.substituted.front() {
+            Some((sent_after, _)) if *sent_after == answering => {
+                self.substituted.pop_front().map(|(_, refusal)| refusal)
+            }
+            _ => None,
         }
     }
 
@@ -588,6 +821,8 @@ impl ReadGuard {
         // Reuses the last result's vector: this runs for every result.
         let mut counters = std::mem::take(&mut self.served);
         counters.clear();
+        let auditing = self.audit.is_some();
+        self.audited_columns.clear();
         for field in columns {
             let sources: &[ColumnId] = match self
                 .protection
@@ -605,6 +840,9 @@ impl ReadGuard {
                     Action::Redact => (2, "redact"),
                     Action::Deny => continue,
                 };
+                if auditing {
+                    self.audited_columns.push((column, label));
+                }
                 let role = policy.role_name(self.role);
                 let counter = self
                     .served_cache
@@ -708,7 +946,16 @@ impl ReadGuard {
                 };
                 if let Some(columns) = columns {
                     self.served = self.served_counters(columns);
+                    if !self.served.is_empty() && self.audit_blocked() {
+                        self.result =
+                            ResultState::Denied(self.audit_refusal(UNKNOWN_TABLE.to_string()));
+                    }
+                    return Ok(());
                 }
+            }
+            if self.audit_blocked() {
+                // What the rows hold is not known: they may be protected.
+                self.result = ResultState::Denied(self.audit_refusal(UNKNOWN_TABLE.to_string()));
             }
             return Ok(());
         }
@@ -798,6 +1045,11 @@ impl ReadGuard {
                 self.result = ResultState::Pass;
                 let columns = decode_row_description(body)?;
                 self.served = self.served_counters(&columns);
+                if !self.served.is_empty() && self.audit_blocked() {
+                    self.result =
+                        ResultState::Denied(self.audit_refusal(UNKNOWN_TABLE.to_string()));
+                    return Ok(Verdict::Drop);
+                }
             }
             return Ok(Verdict::Forward);
         }
@@ -817,6 +1069,7 @@ impl ReadGuard {
             return Ok(match plan {
                 Plan::Deny(report) => {
                     self.draining = true;
+                    self.finish(Outcome::Denied(report.reason), 0, report.column);
                     Verdict::Replace(self.refuse(&report))
                 }
                 _ => Verdict::Forward,
@@ -971,6 +1224,9 @@ impl ReadGuard {
         let rule_sources = self.protection.catalog.reading_rule_sources();
         let rule_columns = ColumnSource::Derived(rule_sources.to_vec());
         let mut treatments = Vec::new();
+        // The first protected column of the result, for a refusal while the audit log
+        // cannot be written.
+        let mut first_protected: Option<&ColumnSource> = None;
         for (index, field) in columns.iter().enumerate() {
             if field.table_oid != 0 {
                 if let Some(report) = self.in_doubt(field) {
@@ -998,6 +1254,7 @@ impl ReadGuard {
                 }
                 Lookup::Protected(source) => source,
             };
+            first_protected.get_or_insert(source);
             let column_name = String::from_utf8_lossy(&field.name);
             let action = match source {
                 ColumnSource::Protected(column) => match policy.action(self.role, *column) {
@@ -1012,7 +1269,7 @@ impl ReadGuard {
                                 self.role_name()
                             ),
                             "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                        ))
+                        ).about(*column))
                     }
                     other => other.clone(),
                 },
@@ -1035,7 +1292,7 @@ impl ReadGuard {
                                     self.role_name()
                                 ),
                                 "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                            ))
+                            ).about(id))
                         }
                         Some((id, Action::Mask(_))) => {
                             // No mask is defined for a computed value: a mask of a
@@ -1051,7 +1308,7 @@ impl ReadGuard {
                                     self.role_name()
                                 ),
                                 "select the protected column itself, so its mask applies",
-                            ));
+                            ).about(id));
                         }
                     }
                 }
@@ -1078,6 +1335,11 @@ impl ReadGuard {
                 Action::Deny => {}
             }
         }
+        if let Some(source) = first_protected {
+            if self.audit_blocked() {
+                return Plan::Deny(self.audit_refusal(source_table(policy, source)));
+            }
+        }
         if treatments.is_empty() {
             return Plan::Pass;
         }
@@ -1097,6 +1359,31 @@ fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String
             .first()
             .map_or_else(|| UNKNOWN_TABLE.to_string(), |&id| policy.table_label(id)),
     }
+}
+
+/// The rows a command tag reports (`INSERT 0 5`, `SELECT 3`, `UPDATE 2`, `COPY 7`…).
+pub(crate) fn command_rows(tag: &[u8]) -> Option<u64> {
+    let word = tag.split(|&b| b == b' ').next()?;
+    if !matches!(
+        word,
+        b"SELECT" | b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"COPY" | b"FETCH" | b"MOVE"
+    ) {
+        return None;
+    }
+    let count = tag.rsplit(|&b| b == b' ').next()?;
+    std::str::from_utf8(count).ok()?.parse().ok()
+}
+
+/// A request the server is sure to answer with an error, in place of a refused one:
+/// a Query that does not parse, or an Execute of a portal no client can name.
+fn failing_request(tag: u8) -> Vec<u8> {
+    let mut frame = Vec::new();
+    if tag == b'Q' {
+        encode_frame(&mut frame, b'Q', b"pgveil refused this statement\0");
+    } else {
+        encode_frame(&mut frame, b'E', b"\x01pgveil refused this portal\0\0\0\0\0");
+    }
+    frame
 }
 
 /// Whether the next answer is to a Describe pgveil sent on its own.

@@ -6,6 +6,7 @@
 //! when the proxy is full). A failing session never affects another one and never
 //! panics on input.
 
+pub mod audit;
 pub mod cancel;
 pub mod conn;
 pub mod guard;
@@ -31,10 +32,12 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::observe::audit_log::AuditLog;
 use crate::wire::messages::{ErrorReport, Severity};
 use crate::wire::startup::{CancelKey, StartupError};
 use cancel::CancelRegistry;
 use conn::Framed;
+use audit::SessionAudit;
 use guard::{GuardError, ReadGuard};
 use negotiate::{negotiate, Opening};
 use pump::{Direction, Pump, PumpEnd, PumpError, Shared};
@@ -150,6 +153,8 @@ pub struct ProxyContext {
     pub upstream_tls: Option<UpstreamTls>,
     /// The policy and catalogs, when a policy is configured.
     pub engine: Option<Arc<Engine>>,
+    /// The audit log, when one is configured.
+    pub audit: Option<Arc<AuditLog>>,
     pub cancels: CancelRegistry,
     sessions: AtomicUsize,
     /// Connections accepted and still negotiating (not yet sessions).
@@ -164,12 +169,14 @@ impl ProxyContext {
         client_tls: Option<TlsAcceptor>,
         upstream_tls: Option<UpstreamTls>,
         engine: Option<Arc<Engine>>,
+        audit: Option<Arc<AuditLog>>,
     ) -> Self {
         ProxyContext {
             config,
             client_tls,
             upstream_tls,
             engine,
+            audit,
             cancels: CancelRegistry::default(),
             sessions: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
@@ -303,14 +310,29 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                     }
                 };
             let _registration = cancel_key.map(|key| ctx.cancels.register(key, upstream_address));
+            let database = startup
+                .parameter(b"database")
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+                .unwrap_or_else(|| user.clone());
+            let audit = ctx.audit.as_ref().map(|log| {
+                let session = audit::new_session_id();
+                info!(%peer, %user, %session, backend_pid = cancel_key.map(|key| key.process_id), "audited session started");
+                SessionAudit::new(
+                    log.clone(),
+                    session,
+                    peer,
+                    user.clone(),
+                    database.clone(),
+                    startup
+                        .parameter(b"application_name")
+                        .map(|name| String::from_utf8_lossy(name).into_owned())
+                        .unwrap_or_default(),
+                )
+            });
             let guard = match &ctx.engine {
                 None => None,
                 Some(engine) => {
-                    let database = startup
-                        .parameter(b"database")
-                        .map(|d| String::from_utf8_lossy(d).into_owned())
-                        .unwrap_or_else(|| user.clone());
-                    match read_guard(engine, database, user.clone()).await {
+                    match read_guard(engine, database, user.clone(), ctx.audit.clone()).await {
                         Ok(guard) => Some(guard),
                         Err(error) => {
                             warn!(%peer, %user, %error, "session refused: policy unavailable");
@@ -325,6 +347,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 client,
                 upstream,
                 guard,
+                audit,
                 inspect_limit,
                 ctx.closing.subscribe(),
             )
@@ -426,6 +449,7 @@ async fn read_guard(
     engine: &Arc<Engine>,
     database: String,
     user: String,
+    audit: Option<Arc<AuditLog>>,
 ) -> Result<ReadGuard, SessionError> {
     let unavailable =
         |error: crate::engine::EngineError| SessionError::PolicyUnavailable(error.to_string());
@@ -440,6 +464,7 @@ async fn read_guard(
         user,
         memberships,
         protection,
+        audit,
     ))
 }
 
@@ -449,10 +474,11 @@ async fn relay(
     client: Framed,
     upstream: Framed,
     guard: Option<ReadGuard>,
+    audit: Option<SessionAudit>,
     inspect_limit: usize,
     mut closing: watch::Receiver<bool>,
 ) -> Option<SessionError> {
-    let state = Mutex::new(Shared::new(guard));
+    let state = Mutex::new(Shared::new(guard, audit));
     let (mut client_read, mut client_write) = client.conn.split();
     let (mut upstream_read, mut upstream_write) = upstream.conn.split();
     let mut to_server = Pump::new(Direction::ClientToServer, client.buf);

@@ -16,6 +16,7 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::audit::SessionAudit;
 use super::guard::{GuardError, ReadGuard, Refresh, Verdict};
 use super::state::{Disposition, Expected, SessionState, StateError};
 use crate::observe::metrics::QueryMeter;
@@ -24,8 +25,8 @@ use crate::wire::frame::{
 };
 use crate::wire::messages::{command_tag, error_is_fatal};
 
-/// The `role` label of statements in sessions without a policy.
-const NO_POLICY_ROLE: &str = "none";
+/// The `role` label (and audit `role`) of statements in sessions without a policy.
+pub(crate) const NO_POLICY_ROLE: &str = "none";
 
 /// Initial read buffer per direction; it grows only to hold one inspected message.
 const READ_CHUNK: usize = 16 * 1024;
@@ -83,18 +84,34 @@ pub struct Shared {
     pub guard: Option<ReadGuard>,
     /// Counts completed statements for `pgveil_queries_total` and their durations.
     meter: QueryMeter,
+    /// Records statements in the audit log; `None` when no audit log is kept.
+    audit: Option<SessionAudit>,
 }
 
 impl Shared {
-    pub fn new(guard: Option<ReadGuard>) -> Self {
+    pub fn new(guard: Option<ReadGuard>, audit: Option<SessionAudit>) -> Self {
+        let state = if guard.is_some() {
+            SessionState::tracking_modifications()
+        } else {
+            SessionState::new()
+        };
         Shared {
-            state: if guard.is_some() {
-                SessionState::tracking_modifications()
+            state: if audit.is_some() {
+                state.keeping_query_text()
             } else {
-                SessionState::new()
+                state
             },
             guard,
             meter: QueryMeter::default(),
+            audit,
+        }
+    }
+
+    /// Shows a server message to the audit bookkeeping, after the read guard and before
+    /// the session state.
+    fn audit_server_message(&mut self, tag: u8, body: &[u8]) {
+        if let Some(audit) = self.audit.as_mut() {
+            audit.on_server_message(&self.state, self.guard.as_mut(), tag, body);
         }
     }
 
@@ -118,6 +135,10 @@ impl Shared {
     fn disposition(&self, direction: Direction, tag: u8) -> Disposition {
         match direction {
             Direction::ClientToServer => self.state.client_disposition(tag),
+            // ParameterStatus: the audit log follows `SET application_name`.
+            Direction::ServerToClient if tag == b'S' && self.audit.is_some() => {
+                Disposition::Inspect
+            }
             Direction::ServerToClient => {
                 match self.guard.as_ref().and_then(|g| g.must_inspect_server(tag)) {
                     Some(true) => Disposition::Inspect,
@@ -378,14 +399,29 @@ impl Pump {
                     if let Verdict::DescribeFirst(portal) = &verdict {
                         shared.state.on_internal_portal_describe(portal);
                     }
-                    if matches!(verdict, Verdict::Forward | Verdict::DescribeFirst(_)) {
-                        shared.state.on_client_message(header.tag, body)?;
+                    match &verdict {
+                        Verdict::Forward | Verdict::DescribeFirst(_) => {
+                            shared.state.on_client_message(header.tag, body)?;
+                        }
+                        // The server sees the substitute: so must the session state.
+                        Verdict::Substitute(frame) => {
+                            let substitute = frame.get(HEADER_LEN..).unwrap_or_default();
+                            shared.state.on_client_message(header.tag, substitute)?;
+                        }
+                        _ => {}
                     }
                     verdict
                 }
                 Direction::ServerToClient => {
                     let verdict = match shared.guard.as_mut() {
-                        Some(guard) => guard.on_server_message(&shared.state, header.tag, body)?,
+                        Some(guard) => match guard.on_server_message(&shared.state, header.tag, body) {
+                            Ok(verdict) => verdict,
+                            Err(error) => {
+                                // A refusal that ends the session is audited too.
+                                shared.audit_server_message(header.tag, body);
+                                return Err(error.into());
+                            }
+                        },
                         None => Verdict::Forward,
                     };
                     if header.tag == b'C' && verdict == Verdict::Forward {
@@ -395,6 +431,7 @@ impl Pump {
                         verdict,
                         Verdict::AwaitCatalog(_) | Verdict::AwaitMemberships
                     ) {
+                        shared.audit_server_message(header.tag, body);
                         shared.state.on_server_message(header.tag, body)?;
                     }
                     verdict
@@ -409,7 +446,7 @@ impl Pump {
                         self.last_was_fatal_error = header.tag == b'E' && error_is_fatal(body);
                     }
                 }
-                Verdict::Replace(replacement) => {
+                Verdict::Replace(replacement) | Verdict::Substitute(replacement) => {
                     self.edited.extend_from_slice(&self.buf[*copied..start]);
                     self.edited.extend_from_slice(&replacement);
                     *copied = start + total;
@@ -468,7 +505,7 @@ mod tests {
         direction: Direction,
         input: &[u8],
     ) -> (Vec<u8>, Result<PumpEnd, PumpError>) {
-        let state = Mutex::new(Shared::new(None));
+        let state = Mutex::new(Shared::new(None, None));
         let mut pump = Pump::new(direction, BytesMut::new());
         let mut reader = input;
         let mut output = Vec::new();
@@ -535,7 +572,7 @@ mod tests {
     async fn remembers_a_fatal_error() {
         let mut input = Vec::new();
         encode_frame(&mut input, b'E', b"SFATAL\0VFATAL\0C57P01\0Mbye\0\0");
-        let state = Mutex::new(Shared::new(None));
+        let state = Mutex::new(Shared::new(None, None));
         let mut pump = Pump::new(Direction::ServerToClient, BytesMut::new());
         let mut output = Vec::new();
         let end = pump

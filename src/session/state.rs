@@ -110,8 +110,14 @@ pub enum Expected {
     SyncReady,
     /// Query → any number of results, then ReadyForQuery. `modifies`: its text may run
     /// a data-modifying command (see `sqltext::may_modify_data`; only worked out when
-    /// the session has a read guard).
-    SimpleQuery { modifies: bool, sent_at: Instant },
+    /// the session has a read guard). `sent_after` counts the executing requests sent
+    /// before it; `text` is the query, kept only when the session is audited.
+    SimpleQuery {
+        modifies: bool,
+        sent_after: u64,
+        sent_at: Instant,
+        text: Option<Bytes>,
+    },
     /// FunctionCall → FunctionCallResponse, then ReadyForQuery.
     FunctionCallResult,
     /// Not a response: the client sent CopyDone or CopyFail here, before the server
@@ -169,6 +175,8 @@ pub struct SessionState {
     executions_sent: u64,
     /// Work out for each simple Query whether it may modify data.
     track_modifications: bool,
+    /// Keep each simple Query's text until it is answered (for the audit log).
+    keep_query_text: bool,
 }
 
 impl SessionState {
@@ -183,6 +191,12 @@ impl SessionState {
             track_modifications: true,
             ..SessionState::default()
         }
+    }
+
+    /// Keeps each simple Query's text in its [`Expected::SimpleQuery`] until answered.
+    pub fn keeping_query_text(mut self) -> Self {
+        self.keep_query_text = true;
+        self
     }
 
     /// Executing requests (Query, Execute, FunctionCall) the client has sent so far.
@@ -200,6 +214,29 @@ impl SessionState {
 
     pub fn portal(&self, name: &[u8]) -> Option<&Portal> {
         self.portals.get(name)
+    }
+
+    /// The SQL text of the request the next response answers, when pgveil has it: a
+    /// simple Query's (whole, all its statements; kept only when audited), an
+    /// Execute's statement, or a described statement's.
+    pub fn current_statement_text(&self) -> Option<&[u8]> {
+        let portal_query = |name: &[u8]| {
+            self.portals
+                .get(name)
+                .and_then(|portal| portal.statement.as_ref())
+                .map(|statement| &statement.query[..])
+        };
+        match self.next_expected()? {
+            Expected::SimpleQuery { text, .. } => text.as_deref(),
+            Expected::ExecuteResult { portal, .. } => portal_query(portal),
+            Expected::PortalDescription { portal, .. } => portal_query(portal),
+            Expected::StatementDescription { statement } => self
+                .statements
+                .get(statement)
+                .map(|statement| &statement.query[..]),
+            Expected::ParseComplete(statement) => Some(&statement.query[..]),
+            _ => None,
+        }
     }
 
     pub fn pending(&self) -> &VecDeque<Expected> {
@@ -269,11 +306,18 @@ impl SessionState {
         }
         match tag {
             b'Q' => {
+                let sent_after = self.executions_sent;
                 self.executions_sent += 1;
                 let modifies = self.track_modifications && may_modify_data(body);
+                let text = self.keep_query_text.then(|| {
+                    let query = body.strip_suffix(b"\0").unwrap_or(body);
+                    Bytes::copy_from_slice(query)
+                });
                 self.push_expected(Expected::SimpleQuery {
                     modifies,
+                    sent_after,
                     sent_at: Instant::now(),
+                    text,
                 });
             }
             b'P' => {
