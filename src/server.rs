@@ -81,8 +81,12 @@ pub fn build_context(config: Config) -> Result<ProxyContext, ServerError> {
         Some(settings) => {
             let log = AuditLog::start(settings)?;
             match log.problem() {
-                None => info!(path = %log.target(), all_statements = settings.all_statements, "audit log open"),
-                Some(problem) => error!(%problem, "audit log cannot be written yet; retrying every second"),
+                None => {
+                    info!(path = %log.target(), all_statements = settings.all_statements, "audit log open")
+                }
+                Some(problem) => {
+                    error!(%problem, "audit log cannot be written yet; retrying every second")
+                }
             }
             Some(log)
         }

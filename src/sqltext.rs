@@ -124,8 +124,7 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     }
                 };
                 if closed {
-                    let name =
-                        String::from_utf8_lossy(&sql[at + 1..end]).replace("\"\"", "\"");
+                    let name = String::from_utf8_lossy(&sql[at + 1..end]).replace("\"\"", "\"");
                     (Lexeme::Name(name.into()), end + 1)
                 } else {
                     unreadable.clone()
@@ -152,8 +151,10 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     .position(|&b| !is_identifier_part(b))
                     .map_or(sql.len(), |end| at + end);
                 let word = &sql[at..end];
-                let string_prefix = matches!(word, [b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N'])
-                    && sql.get(end) == Some(&b'\'');
+                let string_prefix = matches!(
+                    word,
+                    [b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N']
+                ) && sql.get(end) == Some(&b'\'');
                 let unicode = matches!(word, [b'u' | b'U']) && sql.get(end) == Some(&b'&');
                 if string_prefix {
                     let backslashes = matches!(word, [b'e' | b'E']);
@@ -355,7 +356,10 @@ mod tests {
             split("create rule r as on insert to t do also (insert into a values (1); delete from b); select 1"),
             ["create rule r as on insert to t do also (insert into a values (1); delete from b)", "select 1"]
         );
-        assert_eq!(split("select 'unterminated; select 2"), ["select 'unterminated; select 2"]);
+        assert_eq!(
+            split("select 'unterminated; select 2"),
+            ["select 'unterminated; select 2"]
+        );
         assert!(split(" ; -- nothing").is_empty());
     }
 
@@ -366,7 +370,10 @@ mod tests {
         assert!(names_any(b"SELECT * FROM Customers", &names));
         assert!(names_any(b"select 1 from public.\"customers\" c", &names));
         assert!(names_any(b"update \"Mixed Case\" set x = 1", &names));
-        assert!(!names_any(b"select 'customers', \"Customers\" from t -- customers", &names));
+        assert!(!names_any(
+            b"select 'customers', \"Customers\" from t -- customers",
+            &names
+        ));
         assert!(!names_any(b"select * from customers_archive", &names));
         assert!(names_any(b"select * from t /* unterminated", &names));
         assert!(!names_any(b"select * from \"mixed case\"", &names));

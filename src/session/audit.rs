@@ -98,7 +98,10 @@ impl SessionAudit {
             return;
         };
         let text = state.current_statement_text().unwrap_or_default();
-        let statement = if answers_query {
+        let statement = if let Some(sent) = &finished.statement {
+            // The client's statement, which the server never saw.
+            sent.as_slice()
+        } else if answers_query {
             let index = self.statement_index;
             self.statement_index += 1;
             // A Query whose statements cannot be told apart is recorded whole.
@@ -133,7 +136,8 @@ impl SessionAudit {
             session: self.session.clone(),
             client: self.client.clone(),
             user: self.user.clone(),
-            role: guard.map_or(super::pump::NO_POLICY_ROLE, ReadGuard::role_name)
+            role: guard
+                .map_or(super::pump::NO_POLICY_ROLE, ReadGuard::role_name)
                 .to_string(),
             database: self.database.clone(),
             application_name: self.application_name.clone(),
@@ -180,6 +184,7 @@ fn ended_without_guard(state: &SessionState, tag: u8, body: &[u8]) -> Option<Fin
         outcome,
         columns: Vec::new(),
         rows,
+        statement: None,
     })
 }
 

@@ -86,6 +86,9 @@ pub struct Finished {
     pub columns: Vec<AuditColumn>,
     /// Rows sent to the client.
     pub rows: u64,
+    /// The statement as the client sent it, when the server saw something else (a
+    /// substituted request).
+    pub statement: Option<Vec<u8>>,
 }
 
 /// A catalog refresh a message waits for.
@@ -199,8 +202,9 @@ pub struct ReadGuard {
     /// The statement that just ended, until the audit log takes it.
     finished: Option<Finished>,
     /// Requests replaced by [`Verdict::Substitute`]: the executing requests sent before
-    /// each, and the refusal to show in place of the server's error.
-    substituted: VecDeque<(u64, Box<Refusal>)>,
+    /// each, the refusal to show in place of the server's error, and the statement the
+    /// client sent (for the audit log).
+    substituted: VecDeque<(u64, Box<Refusal>, Vec<u8>)>,
 }
 
 /// Most portals [`SentRequests`] remembers; past that it starts afresh (a forgotten
@@ -221,9 +225,9 @@ const MAX_REMEMBERED_PORTALS: usize = 4096;
 struct SentRequests {
     /// Statement name → what is known of its text.
     statements: HashMap<Vec<u8>, SentStatement>,
-    /// Portal name → what is known of its statement's text, and the executing requests
-    /// the client had sent at its Bind.
-    portals: HashMap<Vec<u8>, (SentStatement, u64)>,
+    /// Portal name → what is known of its statement's text, the executing requests the
+    /// client had sent at its Bind, and the statement's name.
+    portals: HashMap<Vec<u8>, (SentStatement, u64, Vec<u8>)>,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
 }
@@ -233,27 +237,27 @@ struct SentRequests {
 struct SentStatement {
     /// It runs another statement (`FETCH`, `EXECUTE`).
     runs_another: bool,
-    /// Its text names a relation with protected columns (worked out only when an audit
-    /// log is kept).
-    names_protected: bool,
+    /// It may write into a relation with protected columns (worked out only when an
+    /// audit log is kept; see [`writes_protected`]).
+    writes_protected: bool,
 }
 
 /// A statement pgveil never saw parsed: assume the worst.
 const UNKNOWN_STATEMENT: SentStatement = SentStatement {
     runs_another: true,
-    names_protected: true,
+    writes_protected: true,
 };
 
 impl SentRequests {
     /// Records a client message; for an Execute, whether its portal may be described.
-    /// `executions`: the executing requests sent before this message; `names_protected`
-    /// tells whether a statement's text names a relation with protected columns.
+    /// `executions`: the executing requests sent before this message; `writes_protected`
+    /// tells whether a statement may write into a relation with protected columns.
     fn record(
         &mut self,
         tag: u8,
         body: &[u8],
         executions: u64,
-        names_protected: impl Fn(&[u8]) -> bool,
+        writes_protected: impl Fn(&[u8]) -> bool,
     ) -> Result<bool, GuardError> {
         match tag {
             b'P' => {
@@ -265,7 +269,7 @@ impl SentRequests {
                     parse.statement.to_vec(),
                     SentStatement {
                         runs_another: runs_another_statement(parse.query),
-                        names_protected: names_protected(parse.query),
+                        writes_protected: writes_protected(parse.query),
                     },
                 );
             }
@@ -280,13 +284,15 @@ impl SentRequests {
                     self.portals.clear();
                     self.forgot_portals = true;
                 }
-                self.portals
-                    .insert(names.portal.to_vec(), (statement, executions));
+                self.portals.insert(
+                    names.portal.to_vec(),
+                    (statement, executions, names.statement.to_vec()),
+                );
             }
             b'E' => {
                 let portal = execute_portal(body)?;
                 let describable = match self.portals.get(portal) {
-                    Some(&(statement, bound_at)) => {
+                    Some(&(statement, bound_at, _)) => {
                         !statement.runs_another || bound_at == executions
                     }
                     // A cursor made by SQL DECLARE: its columns are fixed.
@@ -299,12 +305,19 @@ impl SentRequests {
         Ok(false)
     }
 
-    /// Whether the statement a portal runs may name a relation with protected columns
-    /// (a portal pgveil does not know may).
-    fn portal_names_protected(&self, portal: &[u8]) -> bool {
+    /// Whether the statement a portal runs may write into a relation with protected
+    /// columns (a portal pgveil does not know may).
+    fn portal_writes_protected(&self, portal: &[u8]) -> bool {
         self.portals
             .get(portal)
-            .is_none_or(|(statement, _)| statement.names_protected)
+            .is_none_or(|(statement, _, _)| statement.writes_protected)
+    }
+
+    /// The name of the statement a portal was bound from, as the client sent it.
+    fn statement_of(&self, portal: &[u8]) -> Option<&[u8]> {
+        self.portals
+            .get(portal)
+            .map(|(_, _, statement)| statement.as_slice())
     }
 }
 
@@ -456,6 +469,7 @@ impl ReadGuard {
             outcome,
             columns,
             rows,
+            statement: None,
         });
     }
 
@@ -590,20 +604,31 @@ impl ReadGuard {
         }
         let auditing = self.audit.is_some();
         let catalog = &self.protection.catalog;
-        let describable = self.sent.record(tag, body, state.executions_sent(), |sql| {
-            auditing && catalog.names_protected_relation(sql)
-        })?;
+        let describable = self
+            .sent
+            .record(tag, body, state.executions_sent(), |sql| {
+                auditing && writes_protected(catalog, sql)
+            })?;
         if matches!(tag, b'Q' | b'E') && self.audit_blocked() {
-            let names_protected = match tag {
-                b'Q' => self.names_protected_relation(body),
-                _ => self.sent.portal_names_protected(execute_portal(body)?),
+            let writes = match tag {
+                b'Q' => writes_protected(catalog, body),
+                _ => self.sent.portal_writes_protected(execute_portal(body)?),
             };
-            if names_protected {
-                // Only reads show their protected columns in the result; writes and
-                // filters are told apart by the relations they name.
+            if writes {
+                // Reads show their protected columns in the result, where they are
+                // refused; a write must be stopped before the server runs it.
                 let refusal = self.audit_refusal(UNKNOWN_TABLE.to_string());
+                let statement = match tag {
+                    b'Q' => body.strip_suffix(b"\0").unwrap_or(body).to_vec(),
+                    _ => self
+                        .sent
+                        .statement_of(execute_portal(body)?)
+                        .and_then(|name| state.statement(name))
+                        .map(|statement| statement.query.to_vec())
+                        .unwrap_or_default(),
+                };
                 self.substituted
-                    .push_back((state.executions_sent(), refusal));
+                    .push_back((state.executions_sent(), refusal, statement));
                 return Ok(Verdict::Substitute(failing_request(tag)));
             }
         }
@@ -719,8 +744,11 @@ impl ReadGuard {
             b'C' | b'I' | b's' | b'E' => {
                 let fatal = tag == b'E' && error_is_fatal(body);
                 if tag == b'E' && !fatal {
-                    if let Some(refusal) = self.substitution_answered(state) {
+                    if let Some((refusal, statement)) = self.substitution_answered(state) {
                         self.finish(Outcome::Denied(refusal.reason), 0, refusal.column);
+                        if let Some(finished) = self.finished.as_mut() {
+                            finished.statement = Some(statement);
+                        }
                         return Ok(Verdict::Replace(self.refuse(&refusal)));
                     }
                 }
@@ -766,13 +794,14 @@ impl ReadGuard {
 
     /// The refusal standing for the request the server's error answers, when that
     /// request was one pgveil substituted.
-    fn substitution_answered(&mut self, state: &SessionState) -> Option<Box<Refusal>> {
+    fn substitution_answered(&mut self, state: &SessionState) -> Option<(Box<Refusal>, Vec<u8>)> {
         if self.substituted.is_empty() {
             return None;
         }
         let answering = match state.next_expected() {
             Some(
-                Expected::SimpleQuery { sent_after, .. } | Expected::ExecuteResult { sent_after, .. },
+                Expected::SimpleQuery { sent_after, .. }
+                | Expected::ExecuteResult { sent_after, .. },
             ) => *sent_after,
             _ => return None,
         };
@@ -780,14 +809,15 @@ impl ReadGuard {
         while self
             .substituted
             .front()
-            .is_some_and(|(sent_after, _)| *sent_after < answering)
+            .is_some_and(|(sent_after, _, _)| *sent_after < answering)
         {
             self.substituted.pop_front();
         }
         match self.substituted.front() {
-            Some((sent_after, _)) if *sent_after == answering => {
-                self.substituted.pop_front().map(|(_, refusal)| refusal)
-            }
+            Some((sent_after, _, _)) if *sent_after == answering => self
+                .substituted
+                .pop_front()
+                .map(|(_, refusal, statement)| (refusal, statement)),
             _ => None,
         }
     }
@@ -1361,6 +1391,14 @@ fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String
     }
 }
 
+/// Whether a statement may write into a relation with protected columns: it may
+/// modify data or copy into a table, and it names such a relation. A lexical test that
+/// errs towards yes.
+fn writes_protected(catalog: &crate::catalog::snapshot::CatalogSnapshot, sql: &[u8]) -> bool {
+    (may_modify_data(sql) || crate::sqltext::leading_keyword(sql).as_deref() == Some("copy"))
+        && catalog.names_protected_relation(sql)
+}
+
 /// The rows a command tag reports (`INSERT 0 5`, `SELECT 3`, `UPDATE 2`, `COPY 7`…).
 pub(crate) fn command_rows(tag: &[u8]) -> Option<u64> {
     let word = tag.split(|&b| b == b' ').next()?;
@@ -1381,7 +1419,11 @@ fn failing_request(tag: u8) -> Vec<u8> {
     if tag == b'Q' {
         encode_frame(&mut frame, b'Q', b"pgveil refused this statement\0");
     } else {
-        encode_frame(&mut frame, b'E', b"\x01pgveil refused this portal\0\0\0\0\0");
+        encode_frame(
+            &mut frame,
+            b'E',
+            b"\x01pgveil refused this portal\0\0\0\0\0",
+        );
     }
     frame
 }

@@ -414,14 +414,16 @@ impl Pump {
                 }
                 Direction::ServerToClient => {
                     let verdict = match shared.guard.as_mut() {
-                        Some(guard) => match guard.on_server_message(&shared.state, header.tag, body) {
-                            Ok(verdict) => verdict,
-                            Err(error) => {
-                                // A refusal that ends the session is audited too.
-                                shared.audit_server_message(header.tag, body);
-                                return Err(error.into());
+                        Some(guard) => {
+                            match guard.on_server_message(&shared.state, header.tag, body) {
+                                Ok(verdict) => verdict,
+                                Err(error) => {
+                                    // A refusal that ends the session is audited too.
+                                    shared.audit_server_message(header.tag, body);
+                                    return Err(error.into());
+                                }
                             }
-                        },
+                        }
                         None => Verdict::Forward,
                     };
                     if header.tag == b'C' && verdict == Verdict::Forward {
