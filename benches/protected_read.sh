@@ -29,6 +29,8 @@
 #   TARGET    the masked/plain ratio to meet                           (default 0.90)
 #   STRICT    1: exit 3 when masked/plain is below TARGET              (default 0)
 #   PGVEIL_WORKERS  pgveil --workers (default: pgveil's own default)
+#   AUDIT     1: pgveil keeps an audit log (audit.jsonl in the temp dir; every protected
+#             read is one record), to measure what auditing costs   (default 0)
 #
 # What it does, in one go:
 #   * builds pgveil (cargo build --release) and creates a throwaway PostgreSQL cluster in a
@@ -183,6 +185,9 @@ policy: policy.yaml
 limits:
   shutdown_grace_seconds: 2
 EOF
+if [ "${AUDIT:-0}" = 1 ]; then
+    printf 'audit:\n  path: audit.jsonl\n' >>"$TMP/pgveil.yaml"
+fi
 
 if ! "$PGVEIL" policy check "$TMP/policy.yaml" >"$TMP/policy-check.log" 2>&1; then
     cat "$TMP/policy-check.log" >&2
@@ -356,6 +361,11 @@ fi
     echo "- machine: $(nproc) CPUs ($(uname -srm)); fsync=off, TCP on 127.0.0.1"
     echo "- PostgreSQL: $PG_VERSION ($PG_BIN)"
     echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown) (workers: ${PGVEIL_WORKERS:-default, one per core})"
+    if [ "${AUDIT:-0}" = 1 ]; then
+        echo "- audit log: on, $(wc -l <"$TMP/audit.jsonl" 2>/dev/null || echo 0) records written (one per protected read)"
+    else
+        echo "- audit log: off"
+    fi
     echo "- checked before and after measuring (psql and pgbench -M $MODE), id 1: bench_plain sees \`$SAMPLE_PLAIN\`, bench_masked sees \`$SAMPLE_MASKED\`"
     echo
     echo "| target | login | columns | TPS | avg lat ms | vs direct |"

@@ -7,6 +7,7 @@
 //! counts), or always with `all_statements`. Records carry the statement's fingerprint,
 //! never its text: no value reaches the log. Nothing here waits or does I/O.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -48,7 +49,13 @@ pub struct SessionAudit {
     application_name: String,
     /// Statements of the current simple Query that have ended: the next one's index.
     statement_index: usize,
+    /// Fingerprints of statements recorded lately: prepared statements run again and
+    /// again.
+    fingerprints: HashMap<Vec<u8>, String>,
 }
+
+/// Most fingerprints a session keeps; past that it starts afresh.
+const MAX_FINGERPRINTS: usize = 256;
 
 impl SessionAudit {
     pub fn new(
@@ -67,6 +74,7 @@ impl SessionAudit {
             database,
             application_name,
             statement_index: 0,
+            fingerprints: HashMap::new(),
         }
     }
 
@@ -131,6 +139,7 @@ impl SessionAudit {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        let print = self.fingerprint(statement);
         self.log.record(AuditRecord {
             ts: rfc3339_millis(now),
             session: self.session.clone(),
@@ -142,12 +151,24 @@ impl SessionAudit {
             database: self.database.clone(),
             application_name: self.application_name.clone(),
             kind: kind.to_string(),
-            statement: fingerprint(statement),
+            statement: print,
             columns: finished.columns,
             rows: finished.rows,
             outcome: outcome.to_string(),
             reason,
         });
+    }
+
+    fn fingerprint(&mut self, statement: &[u8]) -> String {
+        if let Some(known) = self.fingerprints.get(statement) {
+            return known.clone();
+        }
+        let print = fingerprint(statement);
+        if self.fingerprints.len() >= MAX_FINGERPRINTS {
+            self.fingerprints.clear();
+        }
+        self.fingerprints.insert(statement.to_vec(), print.clone());
+        print
     }
 
     /// `SET application_name` shows up as a ParameterStatus.
