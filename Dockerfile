@@ -10,7 +10,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgveil
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgveil \
+    && mkdir -p /var/log/pgveil && chown pgveil /var/log/pgveil
 COPY --from=build /src/target/release/pgveil /usr/local/bin/pgveil
 COPY config/docker.yaml /etc/pgveil/pgveil.yaml
 USER pgveil
