@@ -78,6 +78,30 @@ fn the_demo_serves_each_role_and_cleans_up_on_ctrl_c() {
         "{guest}"
     );
 
+    // The three statements are in the demo's audit log, and its chain verifies.
+    let audit = dir.join("audit.jsonl");
+    assert!(
+        banner.iter().any(|l| l.contains("pgveil audit verify")),
+        "{banner:#?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let verified = loop {
+        let output = Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["audit", "verify"])
+            .arg(&audit)
+            .output()
+            .expect("run audit verify");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if text.contains("3 records, hash chain intact") || Instant::now() > deadline {
+            break text + &String::from_utf8_lossy(&output.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        verified.contains("3 records, hash chain intact"),
+        "{verified}"
+    );
+
     // SAFETY: signalling our own child.
     unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -46,6 +46,8 @@ const CATALOG_LOGIN: &str = "pgveil";
 
 const CONFIG_FILE: &str = "pgveil.yaml";
 const POLICY_FILE: &str = "policy.yaml";
+/// The audit log, in the demo folder.
+const AUDIT_FILE: &str = "audit.jsonl";
 const KEYRING_FILE: &str = "keyring.yaml";
 const SQL_FILE: &str = "crm.sql";
 /// Subfolder owned by the PostgreSQL account: data directory, server log, socket.
@@ -812,6 +814,9 @@ fn config_yaml(listen_port: u16, upstream_port: u16) -> String {
          \x20 database: {DATABASE}\n\
          policy: {POLICY_FILE}\n\
          keyring: {KEYRING_FILE}\n\
+         # Every statement touching a protected column, or refused, is one record here.\n\
+         audit:\n\
+         \x20 path: {AUDIT_FILE}\n\
          limits:\n\
          \x20 # psql sessions left open should not hold Ctrl-C up for long.\n\
          \x20 shutdown_grace_seconds: {SHUTDOWN_GRACE_SECONDS}\n"
@@ -881,7 +886,8 @@ fn banner(facts: &BannerFacts) -> String {
         "deleted on exit"
     };
     text.push_str(&format!(
-        "\nFiles ({files}): {dir}/{CONFIG_FILE}, {dir}/{POLICY_FILE} (edit it: pgveil reloads it)\n\
+        "\nFiles ({files}): {dir}/{CONFIG_FILE}, {dir}/{POLICY_FILE} (edit it: pgveil reloads it),\n\
+         {dir}/{AUDIT_FILE} (the audit log: pgveil audit verify {dir}/{AUDIT_FILE})\n\
          Ctrl-C stops pgveil and PostgreSQL{removes}.\n\n",
         dir = facts.dir.display(),
         removes = if facts.keep {
@@ -1012,7 +1018,11 @@ mod tests {
         assert_eq!(config.policy, Some(PathBuf::from(POLICY_FILE)));
         assert_eq!(config.keyring, Some(PathBuf::from(KEYRING_FILE)));
         assert_eq!(config.limits.shutdown_grace_seconds, SHUTDOWN_GRACE_SECONDS);
-        assert!(config.audit.is_none() && config.tls.is_none());
+        assert_eq!(
+            config.audit.map(|audit| audit.path).as_deref(),
+            Some(AUDIT_FILE)
+        );
+        assert!(config.tls.is_none());
     }
 
     #[test]
@@ -1023,6 +1033,8 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.policy, Some(scratch.0.join(POLICY_FILE)));
         assert_eq!(config.keyring, Some(scratch.0.join(KEYRING_FILE)));
+        let audit = config.audit.map(|audit| PathBuf::from(audit.path));
+        assert_eq!(audit, Some(scratch.0.join(AUDIT_FILE)));
     }
 
     #[test]
