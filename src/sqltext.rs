@@ -75,6 +75,8 @@ pub enum Lexeme<'a> {
     Semicolon,
     Open,
     Close,
+    /// A dollar-quoted string (`$$…$$`, `$tag$…$tag$`): often a function body.
+    DollarQuoted,
     /// Anything else that is not whitespace or a comment (literals, operators).
     Other,
     /// The rest of the text, which cannot be read to its end: an unterminated string,
@@ -138,7 +140,7 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                 (Lexeme::Other, end)
             }
             b'$' => match dollar_quote_end(sql, at) {
-                Some(Ok(end)) => (Lexeme::Other, end),
+                Some(Ok(end)) => (Lexeme::DollarQuoted, end),
                 Some(Err(())) => unreadable.clone(),
                 None => (Lexeme::Other, at + 1),
             },
@@ -160,8 +162,11 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     let backslashes = matches!(word, [b'e' | b'E']);
                     quoted_end(sql, end, backslashes)
                         .map_or_else(|| unreadable.clone(), |end| (Lexeme::Other, end))
+                } else if unicode && sql.get(end + 1) == Some(&b'"') {
+                    // A name with Unicode escapes: not decoded here, so it may be any.
+                    unreadable.clone()
                 } else if unicode {
-                    // U&'…' or U&"…": skip the prefix; the quote is read next.
+                    // U&'…': skip the prefix; the string is read next.
                     (Lexeme::Other, end + 1)
                 } else {
                     let name = String::from_utf8_lossy(word).to_ascii_lowercase();
@@ -179,6 +184,19 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
 /// literals and comments; empty ones are left out, as PostgreSQL skips them. Text the
 /// lexer cannot read to its end is one last statement.
 pub fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
+    // Where the lexer may misread string boundaries (see `fingerprint`), or where
+    // semicolons do not end statements (`BEGIN ATOMIC … END` bodies), the text stays
+    // whole.
+    let whole = sql.contains(&b'\\')
+        || lexemes(sql).any(|(lexeme, _)| matches!(lexeme, Lexeme::Name(name) if name == "atomic"));
+    if whole {
+        let trimmed = sql.trim_ascii();
+        return if trimmed.is_empty() {
+            Vec::new()
+        } else {
+            vec![trimmed]
+        };
+    }
     let mut statements = Vec::new();
     let mut start = 0;
     let mut depth = 0usize;
@@ -206,11 +224,28 @@ pub fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
 }
 
 /// Whether `sql` names one of `names` (relation names as the catalog spells them),
-/// schema-qualified or not, quoted or not. Text that cannot be read to its end may
-/// name anything, so it counts as naming one.
+/// schema-qualified or not, quoted or not. Text that cannot be read to its end, or
+/// whose string boundaries depend on session settings (a backslash), may name
+/// anything, so it counts as naming one.
 pub fn names_any(sql: &[u8], names: &std::collections::HashSet<String>) -> bool {
     if names.is_empty() {
         return false;
+    }
+    // String boundaries may be misread (see `fingerprint`): assume the worst.
+    if sql.contains(&b'\\') {
+        return true;
+    }
+    // Dollar-quoted text is often code (DO, CREATE FUNCTION): look inside it too.
+    if lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::DollarQuoted) {
+        let lower = sql.to_ascii_lowercase();
+        if names.iter().any(|name| {
+            let name = name.to_ascii_lowercase();
+            lower
+                .windows(name.len().max(1))
+                .any(|window| window == name.as_bytes())
+        }) {
+            return true;
+        }
     }
     lexemes(sql).any(|(lexeme, _)| match lexeme {
         Lexeme::Name(name) => names.contains(name.as_ref()),
@@ -361,6 +396,11 @@ mod tests {
             ["select 'unterminated; select 2"]
         );
         assert!(split(" ; -- nothing").is_empty());
+        assert_eq!(
+            split("create function f() returns int language sql begin atomic select 1; select 2; end; select 3"),
+            ["create function f() returns int language sql begin atomic select 1; select 2; end; select 3"]
+        );
+        assert_eq!(split("select 'a\\'; select 2"), ["select 'a\\'; select 2"]);
     }
 
     #[test]
@@ -376,6 +416,16 @@ mod tests {
         ));
         assert!(!names_any(b"select * from customers_archive", &names));
         assert!(names_any(b"select * from t /* unterminated", &names));
+        assert!(names_any(b"select 'a\\' , ' ; update x", &names));
+        assert!(names_any(b"update U&\"\\0063ustomers\" set x = 1", &names));
+        assert!(names_any(
+            b"DO $$BEGIN UPDATE CUSTOMERS SET x = 1; END$$",
+            &names
+        ));
+        assert!(!names_any(
+            b"DO $$BEGIN UPDATE orders SET x = 1; END$$",
+            &names
+        ));
         assert!(!names_any(b"select * from \"mixed case\"", &names));
     }
 

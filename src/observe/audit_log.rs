@@ -210,11 +210,25 @@ impl AuditLog {
     /// Waits up to `limit` for every record queued so far to be written; whether they
     /// were.
     pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
         let (done, wait) = mpsc::channel();
-        if self.queue.send(Command::Flush(done)).is_err() {
-            return false;
+        let mut command = Command::Flush(done);
+        // Never block on a full queue: a writer that cannot write would hold exit up.
+        loop {
+            match self.queue.try_send(command) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    command = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
-        wait.recv_timeout(limit).is_ok()
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        wait.recv_timeout(left).is_ok()
     }
 }
 
@@ -222,7 +236,7 @@ impl AuditLog {
 struct Writer {
     target: Target,
     output: Option<File>,
-    /// Length of the file after its last complete record (regular files).
+    /// Length of the file before the batch being written (regular files).
     good_len: u64,
     /// The chain as written: last `seq` and `hash`.
     seq: u64,
@@ -342,9 +356,7 @@ impl Writer {
             Target::File(path) => path.clone(),
         };
         if self.output.is_none() {
-            let file = open_append(&path)?;
-            self.good_len = file.metadata()?.len();
-            self.output = Some(file);
+            self.output = Some(open_append(&path)?);
         }
         if self.pending.is_empty() {
             return Ok(());
@@ -352,18 +364,20 @@ impl Writer {
         let Some(file) = self.output.as_mut() else {
             return Err(io::Error::other("audit log not open"));
         };
+        // Taken before every batch: the file may have been truncated (copytruncate).
+        self.good_len = file.metadata()?.len();
+        let regular = file.metadata().is_ok_and(|m| m.is_file());
         let written = file
             .write_all(self.pending.as_bytes())
-            .and_then(|()| file.flush());
+            .and_then(|()| file.flush())
+            // Written means on disk: a record must survive a power cut.
+            .and_then(|()| if regular { file.sync_data() } else { Ok(()) });
         match written {
-            Ok(()) => {
-                self.good_len += self.pending.len() as u64;
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(problem) => {
                 // Cut a partly written batch off, so the file ends with a complete
                 // record when the retry appends it again.
-                if file.metadata().is_ok_and(|m| m.is_file()) {
+                if regular {
                     let _ = file.set_len(self.good_len);
                 }
                 self.output = None;

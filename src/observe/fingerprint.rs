@@ -12,7 +12,23 @@ use crate::sqltext::{
 };
 
 /// The fingerprint of `sql`.
+///
+/// A backslash makes string boundaries depend on the session: with
+/// `standard_conforming_strings` off, `\'` inside '…' does not end it, and in client
+/// encodings such as GBK or SJIS the second byte of a character can be a backslash. So
+/// when the text holds one, everything from its first quote on is cut off.
 pub fn fingerprint(sql: &[u8]) -> String {
+    if sql.contains(&b'\\') {
+        if let Some(quote) = sql.iter().position(|&b| b == b'\'') {
+            let mut print = lex_fingerprint(&sql[..quote]);
+            print.push_str(if print.is_empty() { "?" } else { " ?" });
+            return print;
+        }
+    }
+    lex_fingerprint(sql)
+}
+
+fn lex_fingerprint(sql: &[u8]) -> String {
     let mut out: Vec<u8> = Vec::with_capacity(sql.len());
     let mut at = 0;
     // Whether the last thing written was whitespace (runs are collapsed to one space).
@@ -63,13 +79,19 @@ pub fn fingerprint(sql: &[u8]) -> String {
                 }
             },
             b'"' => {
-                // A quoted identifier: a name, not a value; kept.
-                let end = sql[at + 1..]
-                    .iter()
-                    .position(|&b| b == b'"')
-                    .map_or(sql.len(), |end| at + 1 + end + 1);
-                out.extend_from_slice(&sql[at..end]);
-                at = end;
+                // A quoted identifier: a name, not a value; kept. Unterminated, it may
+                // hold anything: cut off like an unterminated string.
+                match sql[at + 1..].iter().position(|&b| b == b'"') {
+                    Some(end) => {
+                        let end = at + 1 + end + 1;
+                        out.extend_from_slice(&sql[at..end]);
+                        at = end;
+                    }
+                    None => {
+                        out.push(b'?');
+                        break;
+                    }
+                }
             }
             b'$' if next.is_some_and(|b| b.is_ascii_digit()) => {
                 // A parameter: `$1`.
@@ -157,9 +179,11 @@ mod tests {
             "SELECT name FROM customers WHERE phone = ? AND id = ?",
         );
         check("select 1.5e-3, .5, 10", "select ?, ?, ?");
+        check("SELECT 'it''s', B'0101', X'1F', N'x'", "SELECT ?, ?, ?, ?");
+        // A backslash anywhere: everything from the first quote is cut off.
         check(
-            "SELECT 'it''s', E'a\\'b', B'0101', X'1F', N'x', U&'d\\0061t'",
-            "SELECT ?, ?, ?, ?, ?, ?",
+            "SELECT id FROM t WHERE a = E'a\\'b' AND b = 'c'",
+            "SELECT id FROM t WHERE a = E ?",
         );
         check(
             "SELECT $$dollar 'quoted'$$ || $tag$x$y$tag$",
@@ -200,6 +224,9 @@ mod tests {
             "SELECT E'esc \\' 13812345678",
             "SELECT $q$ 13812345678",
             "SELECT /* 13812345678",
+            "SELECT \"x FROM t WHERE phone = '13812345678'",
+            // standard_conforming_strings = off: the string goes on after \'.
+            "SELECT 1 FROM t WHERE phone = 'a\\' zhang.wei@example.com 13812345678'",
         ] {
             let print = fingerprint(sql.as_bytes());
             assert!(!print.contains("138"), "{sql} -> {print}");

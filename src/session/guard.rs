@@ -225,39 +225,43 @@ const MAX_REMEMBERED_PORTALS: usize = 4096;
 struct SentRequests {
     /// Statement name → what is known of its text.
     statements: HashMap<Vec<u8>, SentStatement>,
-    /// Portal name → what is known of its statement's text, the executing requests the
-    /// client had sent at its Bind, and the statement's name.
-    portals: HashMap<Vec<u8>, (SentStatement, u64, Vec<u8>)>,
+    /// Portal name → what is known of its statement, and the executing requests the
+    /// client had sent at its Bind.
+    portals: HashMap<Vec<u8>, (SentStatement, u64)>,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
 }
 
 /// What pgveil knows of a statement the client sent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct SentStatement {
     /// It runs another statement (`FETCH`, `EXECUTE`).
     runs_another: bool,
-    /// It may write into a relation with protected columns (worked out only when an
-    /// audit log is kept; see [`writes_protected`]).
-    writes_protected: bool,
+    /// It may run while the audit log cannot be written (see [`runs_unaudited`]; worked
+    /// out, with `text`, only when an audit log is kept).
+    runs_unaudited: bool,
+    /// Its text, for the audit record of a refusal.
+    text: Option<Arc<[u8]>>,
 }
 
 /// A statement pgveil never saw parsed: assume the worst.
 const UNKNOWN_STATEMENT: SentStatement = SentStatement {
     runs_another: true,
-    writes_protected: true,
+    runs_unaudited: false,
+    text: None,
 };
 
 impl SentRequests {
     /// Records a client message; for an Execute, whether its portal may be described.
-    /// `executions`: the executing requests sent before this message; `writes_protected`
-    /// tells whether a statement may write into a relation with protected columns.
+    /// `executions`: the executing requests sent before this message; `auditing`: keep
+    /// the text of statements and whether they may run unaudited (`runs_unaudited`).
     fn record(
         &mut self,
         tag: u8,
         body: &[u8],
         executions: u64,
-        writes_protected: impl Fn(&[u8]) -> bool,
+        auditing: bool,
+        runs_unaudited: impl Fn(&[u8]) -> bool,
     ) -> Result<bool, GuardError> {
         match tag {
             b'P' => {
@@ -269,7 +273,8 @@ impl SentRequests {
                     parse.statement.to_vec(),
                     SentStatement {
                         runs_another: runs_another_statement(parse.query),
-                        writes_protected: writes_protected(parse.query),
+                        runs_unaudited: auditing && runs_unaudited(parse.query),
+                        text: auditing.then(|| Arc::from(parse.query)),
                     },
                 );
             }
@@ -278,22 +283,20 @@ impl SentRequests {
                 let statement = self
                     .statements
                     .get(names.statement)
-                    .copied()
+                    .cloned()
                     .unwrap_or(UNKNOWN_STATEMENT);
                 if self.portals.len() >= MAX_REMEMBERED_PORTALS {
                     self.portals.clear();
                     self.forgot_portals = true;
                 }
-                self.portals.insert(
-                    names.portal.to_vec(),
-                    (statement, executions, names.statement.to_vec()),
-                );
+                self.portals
+                    .insert(names.portal.to_vec(), (statement, executions));
             }
             b'E' => {
                 let portal = execute_portal(body)?;
                 let describable = match self.portals.get(portal) {
-                    Some(&(statement, bound_at, _)) => {
-                        !statement.runs_another || bound_at == executions
+                    Some((statement, bound_at)) => {
+                        !statement.runs_another || *bound_at == executions
                     }
                     // A cursor made by SQL DECLARE: its columns are fixed.
                     None => !self.forgot_portals,
@@ -305,19 +308,9 @@ impl SentRequests {
         Ok(false)
     }
 
-    /// Whether the statement a portal runs may write into a relation with protected
-    /// columns (a portal pgveil does not know may).
-    fn portal_writes_protected(&self, portal: &[u8]) -> bool {
-        self.portals
-            .get(portal)
-            .is_none_or(|(statement, _, _)| statement.writes_protected)
-    }
-
-    /// The name of the statement a portal was bound from, as the client sent it.
-    fn statement_of(&self, portal: &[u8]) -> Option<&[u8]> {
-        self.portals
-            .get(portal)
-            .map(|(_, _, statement)| statement.as_slice())
+    /// The statement a portal runs, as the client sent it (unknown: `None`).
+    fn portal_statement(&self, portal: &[u8]) -> Option<&SentStatement> {
+        self.portals.get(portal).map(|(statement, _)| statement)
     }
 }
 
@@ -604,29 +597,30 @@ impl ReadGuard {
         }
         let auditing = self.audit.is_some();
         let catalog = &self.protection.catalog;
-        let describable = self
-            .sent
-            .record(tag, body, state.executions_sent(), |sql| {
-                auditing && writes_protected(catalog, sql)
-            })?;
-        if matches!(tag, b'Q' | b'E') && self.audit_blocked() {
-            let writes = match tag {
-                b'Q' => writes_protected(catalog, body),
-                _ => self.sent.portal_writes_protected(execute_portal(body)?),
+        let describable =
+            self.sent
+                .record(tag, body, state.executions_sent(), auditing, |sql| {
+                    runs_unaudited(catalog, sql)
+                })?;
+        if matches!(tag, b'Q' | b'E' | b'F') && self.audit_blocked() {
+            let query = body.strip_suffix(b"\0").unwrap_or(body);
+            let (allowed, statement) = match tag {
+                b'Q' => (runs_unaudited(catalog, query), query.to_vec()),
+                b'E' => match self.sent.portal_statement(execute_portal(body)?) {
+                    Some(sent) => (
+                        sent.runs_unaudited,
+                        sent.text.as_deref().unwrap_or_default().to_vec(),
+                    ),
+                    None => (false, Vec::new()),
+                },
+                // A function call may do anything.
+                _ => (false, b"<function call>".to_vec()),
             };
-            if writes {
-                // Reads show their protected columns in the result, where they are
-                // refused; a write must be stopped before the server runs it.
+            if !allowed {
+                // Reads of protected columns are refused at their result too, but
+                // writes, filters and server-side code must be stopped before the
+                // server runs them.
                 let refusal = self.audit_refusal(UNKNOWN_TABLE.to_string());
-                let statement = match tag {
-                    b'Q' => body.strip_suffix(b"\0").unwrap_or(body).to_vec(),
-                    _ => self
-                        .sent
-                        .statement_of(execute_portal(body)?)
-                        .and_then(|name| state.statement(name))
-                        .map(|statement| statement.query.to_vec())
-                        .unwrap_or_default(),
-                };
                 self.substituted
                     .push_back((state.executions_sent(), refusal, statement));
                 return Ok(Verdict::Substitute(failing_request(tag)));
@@ -688,6 +682,22 @@ impl ReadGuard {
             )));
         }
         if self.draining {
+            if matches!(tag, b'C' | b's' | b'E')
+                && matches!(
+                    state.next_expected(),
+                    Some(Expected::SimpleQuery { .. } | Expected::ExecuteResult { .. })
+                )
+            {
+                // A statement the server ran after the refused one (in the same Query
+                // or pipeline): its result is dropped, but what it did is recorded.
+                self.audited_columns.clear();
+                let (outcome, rows) = match tag {
+                    b'E' => (Outcome::Error, 0),
+                    b'C' => (Outcome::Ok, command_rows(command_tag(body)).unwrap_or(0)),
+                    _ => (Outcome::Ok, 0),
+                };
+                self.finish(outcome, rows, None);
+            }
             return Ok(match tag {
                 // A COPY FROM STDIN after the refused statement of the same Query: the
                 // server now waits for the client's data, so the client must hear of
@@ -801,7 +811,8 @@ impl ReadGuard {
         let answering = match state.next_expected() {
             Some(
                 Expected::SimpleQuery { sent_after, .. }
-                | Expected::ExecuteResult { sent_after, .. },
+                | Expected::ExecuteResult { sent_after, .. }
+                | Expected::FunctionCallResult { sent_after },
             ) => *sent_after,
             _ => return None,
         };
@@ -1391,12 +1402,46 @@ fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String
     }
 }
 
-/// Whether a statement may write into a relation with protected columns: it may
-/// modify data or copy into a table, and it names such a relation. A lexical test that
-/// errs towards yes.
-fn writes_protected(catalog: &crate::catalog::snapshot::CatalogSnapshot, sql: &[u8]) -> bool {
-    (may_modify_data(sql) || crate::sqltext::leading_keyword(sql).as_deref() == Some("copy"))
-        && catalog.names_protected_relation(sql)
+/// Whether a statement may run while the audit log cannot be written: every statement
+/// in its text reads or controls the session (SELECT, SHOW, SET, transaction control,
+/// cursor moves…; nothing that writes, copies or runs code), it names no relation with
+/// protected columns, and pgveil can read it to its end without doubt (no backslash, no
+/// `U&"…"` name). A lexical test that errs towards no. What such a statement reads of
+/// protected columns through a view or a cursor is refused at its result.
+fn runs_unaudited(catalog: &crate::catalog::snapshot::CatalogSnapshot, sql: &[u8]) -> bool {
+    if sql.contains(&b'\\') || catalog.names_protected_relation(sql) {
+        return false;
+    }
+    crate::sqltext::split_statements(sql)
+        .iter()
+        .all(|statement| {
+            matches!(
+                crate::sqltext::leading_keyword(statement).as_deref(),
+                Some(
+                    "select"
+                        | "values"
+                        | "table"
+                        | "show"
+                        | "set"
+                        | "reset"
+                        | "begin"
+                        | "start"
+                        | "commit"
+                        | "end"
+                        | "rollback"
+                        | "abort"
+                        | "savepoint"
+                        | "release"
+                        | "fetch"
+                        | "move"
+                        | "close"
+                        | "discard"
+                        | "deallocate"
+                        | "listen"
+                        | "unlisten"
+                )
+            )
+        })
 }
 
 /// The rows a command tag reports (`INSERT 0 5`, `SELECT 3`, `UPDATE 2`, `COPY 7`…).
@@ -1413,17 +1458,19 @@ pub(crate) fn command_rows(tag: &[u8]) -> Option<u64> {
 }
 
 /// A request the server is sure to answer with an error, in place of a refused one:
-/// a Query that does not parse, or an Execute of a portal no client can name.
+/// a Query that does not parse, an Execute of a portal no client names (a name starting
+/// with byte 1), or a FunctionCall of OID 0.
 fn failing_request(tag: u8) -> Vec<u8> {
     let mut frame = Vec::new();
-    if tag == b'Q' {
-        encode_frame(&mut frame, b'Q', b"pgveil refused this statement\0");
-    } else {
-        encode_frame(
+    match tag {
+        b'Q' => encode_frame(&mut frame, b'Q', b"pgveil refused this statement\0"),
+        // A FunctionCall of OID 0: "function with OID 0 does not exist".
+        b'F' => encode_frame(&mut frame, b'F', &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        _ => encode_frame(
             &mut frame,
             b'E',
             b"\x01pgveil refused this portal\0\0\0\0\0",
-        );
+        ),
     }
     frame
 }

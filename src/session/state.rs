@@ -79,6 +79,17 @@ impl Portal {
     }
 }
 
+/// A simple Query's text, kept for the audit log. Its `Debug` shows only the length:
+/// session errors print the queue, and the text may hold values.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QueryText(pub Bytes);
+
+impl std::fmt::Debug for QueryText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QueryText({} bytes)", self.0.len())
+    }
+}
+
 /// One response (or group of responses) the backend still owes, in request order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expected {
@@ -116,10 +127,10 @@ pub enum Expected {
         modifies: bool,
         sent_after: u64,
         sent_at: Instant,
-        text: Option<Bytes>,
+        text: Option<QueryText>,
     },
     /// FunctionCall → FunctionCallResponse, then ReadyForQuery.
-    FunctionCallResult,
+    FunctionCallResult { sent_after: u64 },
     /// Not a response: the client sent CopyDone or CopyFail here, before the server
     /// announced the COPY. Dropped when it reaches the front of the queue.
     CopyInEnded,
@@ -227,7 +238,7 @@ impl SessionState {
                 .map(|statement| &statement.query[..])
         };
         match self.next_expected()? {
-            Expected::SimpleQuery { text, .. } => text.as_deref(),
+            Expected::SimpleQuery { text, .. } => text.as_ref().map(|text| &text.0[..]),
             Expected::ExecuteResult { portal, .. } => portal_query(portal),
             Expected::PortalDescription { portal, .. } => portal_query(portal),
             Expected::StatementDescription { statement } => self
@@ -311,7 +322,7 @@ impl SessionState {
                 let modifies = self.track_modifications && may_modify_data(body);
                 let text = self.keep_query_text.then(|| {
                     let query = body.strip_suffix(b"\0").unwrap_or(body);
-                    Bytes::copy_from_slice(query)
+                    QueryText(Bytes::copy_from_slice(query))
                 });
                 self.push_expected(Expected::SimpleQuery {
                     modifies,
@@ -370,7 +381,9 @@ impl SessionState {
             b'S' => self.push_expected(Expected::SyncReady),
             b'F' => {
                 self.executions_sent += 1;
-                self.push_expected(Expected::FunctionCallResult);
+                self.push_expected(Expected::FunctionCallResult {
+                    sent_after: self.executions_sent - 1,
+                });
             }
             // Sent before the server announced the COPY (or after it failed): remember
             // where the copy data ends, so Syncs before it can be told from those after.
@@ -523,7 +536,8 @@ impl SessionState {
                 match self.front() {
                     // A simple query or function call still ends with ReadyForQuery; an
                     // error with nothing pending is asynchronous (e.g. FATAL shutdown).
-                    None | Some(Expected::SimpleQuery { .. } | Expected::FunctionCallResult) => {}
+                    None
+                    | Some(Expected::SimpleQuery { .. } | Expected::FunctionCallResult { .. }) => {}
                     Some(_) => {
                         // Extended protocol: the backend skips everything up to Sync.
                         while let Some(front) = self.pending.front() {
@@ -547,7 +561,7 @@ impl SessionState {
                         e,
                         Expected::SyncReady
                             | Expected::SimpleQuery { .. }
-                            | Expected::FunctionCallResult
+                            | Expected::FunctionCallResult { .. }
                     )
                 })?;
                 if matches!(answered, Expected::SimpleQuery { .. }) {
