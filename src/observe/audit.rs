@@ -232,30 +232,36 @@ pub fn rfc3339_millis(since_epoch: std::time::Duration) -> String {
     )
 }
 
+/// A record with fixed, value-free fields, for unit tests.
+#[cfg(test)]
+pub(crate) fn sample_record(statement: &str, rows: u64) -> AuditRecord {
+    AuditRecord {
+        ts: "2026-11-22T10:00:00.000Z".into(),
+        session: "s1".into(),
+        client: "127.0.0.1:50000".into(),
+        user: "alice".into(),
+        role: "support".into(),
+        database: "crm".into(),
+        application_name: "psql".into(),
+        kind: "select".into(),
+        statement: statement.into(),
+        columns: vec![AuditColumn {
+            table: "public.customers".into(),
+            column: "phone".into(),
+            action: "mask".into(),
+        }],
+        rows,
+        outcome: "ok".into(),
+        reason: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn record(statement: &str) -> AuditRecord {
-        AuditRecord {
-            ts: "2026-11-22T10:00:00.000Z".into(),
-            session: "s1".into(),
-            client: "127.0.0.1:50000".into(),
-            user: "alice".into(),
-            role: "support".into(),
-            database: "crm".into(),
-            application_name: "psql".into(),
-            kind: "select".into(),
-            statement: statement.into(),
-            columns: vec![AuditColumn {
-                table: "public.customers".into(),
-                column: "phone".into(),
-                action: "mask".into(),
-            }],
-            rows: 1,
-            outcome: "ok".into(),
-            reason: None,
-        }
+        sample_record(statement, 1)
     }
 
     fn chain(count: u64) -> Vec<String> {

@@ -451,28 +451,10 @@ fn resume(path: &Path) -> Result<(u64, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::audit::{verify, AuditColumn};
+    use crate::observe::audit::{sample_record, verify};
 
     fn record(n: u64) -> AuditRecord {
-        AuditRecord {
-            ts: "2026-11-22T10:00:00.000Z".into(),
-            session: "s1".into(),
-            client: "127.0.0.1:50000".into(),
-            user: "alice".into(),
-            role: "support".into(),
-            database: "crm".into(),
-            application_name: "psql".into(),
-            kind: "select".into(),
-            statement: format!("SELECT phone FROM t{n}"),
-            columns: vec![AuditColumn {
-                table: "public.customers".into(),
-                column: "phone".into(),
-                action: "mask".into(),
-            }],
-            rows: n,
-            outcome: "ok".into(),
-            reason: None,
-        }
+        sample_record(&format!("SELECT phone FROM t{n}"), n)
     }
 
     fn config(path: &Path) -> AuditConfig {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::guard::{command_rows, Finished, Outcome, ReadGuard};
+use super::guard::{statement_ended, Finished, Outcome, ReadGuard};
 use super::state::{Expected, SessionState};
 use crate::observe::audit::{rfc3339_millis, AuditRecord};
 use crate::observe::audit_log::AuditLog;
@@ -191,16 +191,7 @@ fn ended_without_guard(state: &SessionState, tag: u8, body: &[u8]) -> Option<Fin
     ) {
         return None;
     }
-    let outcome = match tag {
-        b'C' | b's' => Outcome::Ok,
-        b'E' => Outcome::Error,
-        _ => return None,
-    };
-    let rows = if tag == b'C' {
-        command_rows(command_tag(body)).unwrap_or(0)
-    } else {
-        0
-    };
+    let (outcome, rows) = statement_ended(tag, body, 0)?;
     Some(Finished {
         outcome,
         columns: Vec::new(),

@@ -24,7 +24,7 @@ use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
 use crate::observe::audit::AuditColumn;
 use crate::observe::audit_log::AuditLog;
 use crate::observe::{metrics, DenyReason};
-use crate::policy::{Action, ColumnId, RoleId};
+use crate::policy::{Action, ColumnId, Policy, RoleId};
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
 use crate::sqltext::{may_modify_data, runs_another_statement};
@@ -199,6 +199,9 @@ pub struct ReadGuard {
     /// The protected columns of the result being sent and the action of each, for the
     /// audit log (kept only when there is one).
     audited_columns: Vec<(ColumnId, &'static str)>,
+    /// The policy those column ids belong to: a reload may publish another before the
+    /// result ends.
+    audited_policy: Option<Arc<Policy>>,
     /// The statement that just ended, until the audit log takes it.
     finished: Option<Finished>,
     /// Requests replaced by [`Verdict::Substitute`]: the executing requests sent before
@@ -237,31 +240,28 @@ struct SentRequests {
 struct SentStatement {
     /// It runs another statement (`FETCH`, `EXECUTE`).
     runs_another: bool,
-    /// It may run while the audit log cannot be written (see [`runs_unaudited`]; worked
-    /// out, with `text`, only when an audit log is kept).
-    runs_unaudited: bool,
-    /// Its text, for the audit record of a refusal.
+    /// Its text, kept only when an audit log is kept: whether it may run while the log
+    /// cannot be written is worked out from it then (see [`runs_unaudited`]), and the
+    /// record of its refusal names it.
     text: Option<Arc<[u8]>>,
 }
 
 /// A statement pgveil never saw parsed: assume the worst.
 const UNKNOWN_STATEMENT: SentStatement = SentStatement {
     runs_another: true,
-    runs_unaudited: false,
     text: None,
 };
 
 impl SentRequests {
     /// Records a client message; for an Execute, whether its portal may be described.
     /// `executions`: the executing requests sent before this message; `auditing`: keep
-    /// the text of statements and whether they may run unaudited (`runs_unaudited`).
+    /// the text of statements.
     fn record(
         &mut self,
         tag: u8,
         body: &[u8],
         executions: u64,
         auditing: bool,
-        runs_unaudited: impl Fn(&[u8]) -> bool,
     ) -> Result<bool, GuardError> {
         match tag {
             b'P' => {
@@ -273,7 +273,6 @@ impl SentRequests {
                     parse.statement.to_vec(),
                     SentStatement {
                         runs_another: runs_another_statement(parse.query),
-                        runs_unaudited: auditing && runs_unaudited(parse.query),
                         text: auditing.then(|| Arc::from(parse.query)),
                     },
                 );
@@ -326,14 +325,24 @@ struct Refusal {
     report: ErrorReport,
     reason: DenyReason,
     table: String,
-    /// The protected column it is about, when it is about one.
-    column: Option<ColumnId>,
+    /// The protected column it is about, when it is about one, named with the policy
+    /// that refused it.
+    column: Option<AuditColumn>,
 }
 
 impl Refusal {
-    fn about(mut self: Box<Self>, column: ColumnId) -> Box<Self> {
-        self.column = Some(column);
+    fn about(mut self: Box<Self>, policy: &Policy, column: ColumnId) -> Box<Self> {
+        self.column = Some(audit_column(policy, column, "deny"));
         self
+    }
+}
+
+/// A protected column as the audit log names it, with the action the role got.
+fn audit_column(policy: &Policy, column: ColumnId, action: &str) -> AuditColumn {
+    AuditColumn {
+        table: policy.table_label(column),
+        column: policy.columns[column].name.clone(),
+        action: action.to_string(),
     }
 }
 
@@ -390,6 +399,7 @@ impl ReadGuard {
             served_cache_for: None,
             audit,
             audited_columns: Vec::new(),
+            audited_policy: None,
             finished: None,
             substituted: VecDeque::new(),
         }
@@ -432,30 +442,22 @@ impl ReadGuard {
     }
 
     /// Records how the current result ended, for the audit log.
-    fn finish(&mut self, outcome: Outcome, rows: u64, refused_column: Option<ColumnId>) {
+    fn finish(&mut self, outcome: Outcome, rows: u64, refused_column: Option<AuditColumn>) {
         if self.audit.is_none() {
             return;
         }
-        let policy = &self.protection.policy;
         let mut columns: Vec<AuditColumn> = Vec::with_capacity(self.audited_columns.len());
-        let mut add = |column: ColumnId, action: &str| {
-            let entry = AuditColumn {
-                table: policy.table_label(column),
-                column: policy.columns[column].name.clone(),
-                action: action.to_string(),
-            };
-            if !columns.contains(&entry) {
-                columns.push(entry);
+        match (outcome, &self.audited_policy) {
+            (Outcome::Denied(_), _) => columns.extend(refused_column),
+            (_, Some(policy)) => {
+                for &(column, action) in &self.audited_columns {
+                    let entry = audit_column(policy, column, action);
+                    if !columns.contains(&entry) {
+                        columns.push(entry);
+                    }
+                }
             }
-        };
-        if let Outcome::Denied(_) = outcome {
-            if let Some(column) = refused_column {
-                add(column, "deny");
-            }
-        } else {
-            for &(column, action) in &self.audited_columns {
-                add(column, action);
-            }
+            (_, None) => {}
         }
         self.audited_columns.clear();
         self.finished = Some(Finished {
@@ -595,22 +597,20 @@ impl ReadGuard {
                 }
             }
         }
-        let auditing = self.audit.is_some();
-        let catalog = &self.protection.catalog;
         let describable =
             self.sent
-                .record(tag, body, state.executions_sent(), auditing, |sql| {
-                    runs_unaudited(catalog, sql)
-                })?;
+                .record(tag, body, state.executions_sent(), self.audit.is_some())?;
         if matches!(tag, b'Q' | b'E' | b'F') && self.audit_blocked() {
+            let catalog = &self.protection.catalog;
             let query = body.strip_suffix(b"\0").unwrap_or(body);
             let (allowed, statement) = match tag {
                 b'Q' => (runs_unaudited(catalog, query), query.to_vec()),
-                b'E' => match self.sent.portal_statement(execute_portal(body)?) {
-                    Some(sent) => (
-                        sent.runs_unaudited,
-                        sent.text.as_deref().unwrap_or_default().to_vec(),
-                    ),
+                b'E' => match self
+                    .sent
+                    .portal_statement(execute_portal(body)?)
+                    .and_then(|sent| sent.text.as_deref())
+                {
+                    Some(text) => (runs_unaudited(catalog, text), text.to_vec()),
                     None => (false, Vec::new()),
                 },
                 // A function call may do anything.
@@ -682,21 +682,17 @@ impl ReadGuard {
             )));
         }
         if self.draining {
-            if matches!(tag, b'C' | b's' | b'E')
-                && matches!(
-                    state.next_expected(),
-                    Some(Expected::SimpleQuery { .. } | Expected::ExecuteResult { .. })
-                )
-            {
-                // A statement the server ran after the refused one (in the same Query
-                // or pipeline): its result is dropped, but what it did is recorded.
-                self.audited_columns.clear();
-                let (outcome, rows) = match tag {
-                    b'E' => (Outcome::Error, 0),
-                    b'C' => (Outcome::Ok, command_rows(command_tag(body)).unwrap_or(0)),
-                    _ => (Outcome::Ok, 0),
-                };
-                self.finish(outcome, rows, None);
+            if matches!(
+                state.next_expected(),
+                Some(Expected::SimpleQuery { .. } | Expected::ExecuteResult { .. })
+            ) {
+                if let Some((outcome, rows)) = statement_ended(tag, body, 0) {
+                    // A statement the server ran after the refused one (in the same
+                    // Query or pipeline): its result is dropped, but what it did is
+                    // recorded.
+                    self.audited_columns.clear();
+                    self.finish(outcome, rows, None);
+                }
             }
             return Ok(match tag {
                 // A COPY FROM STDIN after the refused statement of the same Query: the
@@ -755,7 +751,7 @@ impl ReadGuard {
                 let fatal = tag == b'E' && error_is_fatal(body);
                 if tag == b'E' && !fatal {
                     if let Some((refusal, statement)) = self.substitution_answered(state) {
-                        self.finish(Outcome::Denied(refusal.reason), 0, refusal.column);
+                        self.finish(Outcome::Denied(refusal.reason), 0, refusal.column.clone());
                         if let Some(finished) = self.finished.as_mut() {
                             finished.statement = Some(statement);
                         }
@@ -775,18 +771,13 @@ impl ReadGuard {
                         // What the client sees instead of the statement's completion; the
                         // rest up to ReadyForQuery is skipped like after a real error.
                         self.draining = true;
-                        self.finish(Outcome::Denied(report.reason), 0, report.column);
+                        self.finish(Outcome::Denied(report.reason), 0, report.column.clone());
                         Ok(Verdict::Replace(self.refuse(&report)))
                     }
                     _ => {
-                        match tag {
-                            b'C' => {
-                                let rows = command_rows(command_tag(body)).unwrap_or(rows_sent);
-                                self.finish(Outcome::Ok, rows, None);
-                            }
-                            b's' => self.finish(Outcome::Ok, rows_sent, None),
-                            b'E' => self.finish(Outcome::Error, rows_sent, None),
-                            _ => self.audited_columns.clear(),
+                        match statement_ended(tag, body, rows_sent) {
+                            Some((outcome, rows)) => self.finish(outcome, rows, None),
+                            None => self.audited_columns.clear(),
                         }
                         Ok(Verdict::Forward)
                     }
@@ -864,6 +855,9 @@ impl ReadGuard {
         counters.clear();
         let auditing = self.audit.is_some();
         self.audited_columns.clear();
+        if auditing {
+            self.audited_policy = Some(policy.clone());
+        }
         for field in columns {
             let sources: &[ColumnId] = match self
                 .protection
@@ -1110,7 +1104,7 @@ impl ReadGuard {
             return Ok(match plan {
                 Plan::Deny(report) => {
                     self.draining = true;
-                    self.finish(Outcome::Denied(report.reason), 0, report.column);
+                    self.finish(Outcome::Denied(report.reason), 0, report.column.clone());
                     Verdict::Replace(self.refuse(&report))
                 }
                 _ => Verdict::Forward,
@@ -1310,7 +1304,7 @@ impl ReadGuard {
                                 self.role_name()
                             ),
                             "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                        ).about(*column))
+                        ).about(policy, *column))
                     }
                     other => other.clone(),
                 },
@@ -1333,7 +1327,7 @@ impl ReadGuard {
                                     self.role_name()
                                 ),
                                 "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                            ).about(id))
+                            ).about(policy, id))
                         }
                         Some((id, Action::Mask(_))) => {
                             // No mask is defined for a computed value: a mask of a
@@ -1349,7 +1343,7 @@ impl ReadGuard {
                                     self.role_name()
                                 ),
                                 "select the protected column itself, so its mask applies",
-                            ).about(id));
+                            ).about(policy, id));
                         }
                     }
                 }
@@ -1444,8 +1438,23 @@ fn runs_unaudited(catalog: &crate::catalog::snapshot::CatalogSnapshot, sql: &[u8
         })
 }
 
+/// How a statement ended, from the message that ends it (CommandComplete,
+/// PortalSuspended or ErrorResponse), and the rows it counts: those the command tag
+/// reports, else `rows_sent`. `None` for any other message.
+pub(crate) fn statement_ended(tag: u8, body: &[u8], rows_sent: u64) -> Option<(Outcome, u64)> {
+    match tag {
+        b'C' => Some((
+            Outcome::Ok,
+            command_rows(command_tag(body)).unwrap_or(rows_sent),
+        )),
+        b's' => Some((Outcome::Ok, rows_sent)),
+        b'E' => Some((Outcome::Error, rows_sent)),
+        _ => None,
+    }
+}
+
 /// The rows a command tag reports (`INSERT 0 5`, `SELECT 3`, `UPDATE 2`, `COPY 7`…).
-pub(crate) fn command_rows(tag: &[u8]) -> Option<u64> {
+fn command_rows(tag: &[u8]) -> Option<u64> {
     let word = tag.split(|&b| b == b' ').next()?;
     if !matches!(
         word,
