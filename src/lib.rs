@@ -12,6 +12,7 @@ pub mod policy;
 pub mod protect;
 pub mod server;
 pub mod session;
+pub mod sql;
 pub mod sqltext;
 pub mod tls;
 pub mod wire;
