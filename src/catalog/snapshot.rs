@@ -12,6 +12,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Row};
@@ -22,6 +23,7 @@ use super::rules;
 use super::CatalogError;
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
+use crate::sql::encryption::{Content, EncryptedRelation, RelationColumn};
 
 /// Where a result column's values come from, as far as the policy is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,10 @@ pub struct CatalogSnapshot {
     /// Names (`relname`, as the catalog spells them) of the relations with protected
     /// columns: policy tables, their partitions and children, views showing them.
     protected_names: HashSet<String>,
+    /// Relations with encrypted columns (tables, partitions, children, views showing
+    /// them) by `relname`, for the analysis of statements.
+    encrypted_relations: HashMap<String, Vec<Arc<EncryptedRelation>>>,
+    encrypted_names: HashSet<String>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
@@ -114,6 +120,16 @@ impl CatalogSnapshot {
     /// a lexical test that may say yes for a same-named relation in another schema).
     pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
         crate::sqltext::names_any(sql, &self.protected_names)
+    }
+
+    /// Whether statement text names a relation with encrypted columns (lexically, like
+    /// [`Self::names_protected_relation`]).
+    pub fn names_encrypted_relation(&self, sql: &[u8]) -> bool {
+        crate::sqltext::names_any(sql, &self.encrypted_names)
+    }
+
+    pub fn encrypted_relations(&self) -> &HashMap<String, Vec<Arc<EncryptedRelation>>> {
+        &self.encrypted_relations
     }
 
     /// Number of result columns (base, partition, child and view) that carry protected
@@ -392,8 +408,103 @@ impl CatalogSnapshot {
             .keys()
             .filter_map(|(oid, _)| relation_names.get(oid).cloned())
             .collect();
+        if policy.encrypts() {
+            snapshot.encrypted_relations =
+                load_encrypted_relations(client, &snapshot, policy).await?;
+            snapshot.encrypted_names = snapshot.encrypted_relations.keys().cloned().collect();
+        }
         Ok(snapshot)
     }
+}
+
+/// What a column of a relation holds, given the sources of its protected columns.
+fn encryption_content(policy: &Policy, source: Option<&ColumnSource>) -> Content {
+    let encrypted = |id: &ColumnId| {
+        policy
+            .columns
+            .get(*id)
+            .is_some_and(|c| c.encrypt != EncryptMode::None)
+    };
+    match source {
+        Some(ColumnSource::Protected(id)) if encrypted(id) => Content::Encrypted(*id),
+        Some(ColumnSource::Derived(ids)) => match ids.iter().find(|id| encrypted(id)) {
+            Some(id) => Content::ComputedFromEncrypted(*id),
+            None => Content::Plain,
+        },
+        _ => Content::Plain,
+    }
+}
+
+/// Every relation one of whose columns holds (or is computed from) an encrypted
+/// column, with all its live columns in order.
+async fn load_encrypted_relations(
+    client: &Client,
+    snapshot: &CatalogSnapshot,
+    policy: &Policy,
+) -> Result<HashMap<String, Vec<Arc<EncryptedRelation>>>, CatalogError> {
+    let oids: BTreeSet<u32> = snapshot
+        .columns
+        .iter()
+        .filter(|(_, source)| encryption_content(policy, Some(source)) != Content::Plain)
+        .map(|((oid, _), _)| *oid)
+        .collect();
+    let mut relations = HashMap::new();
+    if oids.is_empty() {
+        return Ok(relations);
+    }
+    let oids: Vec<u32> = oids.into_iter().collect();
+    let what = "columns of relations with encrypted columns";
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind IN ('v', 'm'), \
+                    a.attnum, a.attname::text, a.atthasdef \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+              WHERE c.oid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped \
+              ORDER BY c.oid, a.attnum",
+            &[&oids],
+        )
+        .await
+        .map_err(|error| CatalogError::Query {
+            what,
+            reason: error.to_string(),
+        })?;
+    let mut current: Option<(u32, EncryptedRelation)> = None;
+    let mut done = Vec::new();
+    for row in &rows {
+        let oid: u32 = get(row, 0, what)?;
+        if current.as_ref().is_none_or(|(o, _)| *o != oid) {
+            if let Some((_, relation)) = current.take() {
+                done.push(relation);
+            }
+            current = Some((
+                oid,
+                EncryptedRelation {
+                    schema: get(row, 1, what)?,
+                    name: get(row, 2, what)?,
+                    is_view: get(row, 3, what)?,
+                    columns: Vec::new(),
+                },
+            ));
+        }
+        let attnum: i16 = get(row, 4, what)?;
+        if let Some((_, relation)) = current.as_mut() {
+            relation.columns.push(RelationColumn {
+                name: get(row, 5, what)?,
+                content: encryption_content(policy, snapshot.columns.get(&(oid, attnum))),
+                has_default: get(row, 6, what)?,
+            });
+        }
+    }
+    done.extend(current.map(|(_, relation)| relation));
+    for relation in done {
+        relations
+            .entry(relation.name.clone())
+            .or_insert_with(Vec::new)
+            .push(Arc::new(relation));
+    }
+    Ok(relations)
 }
 
 /// Column `index` of a catalog row, or an error naming the query.

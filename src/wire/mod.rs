@@ -6,6 +6,7 @@
 //! may decode bytes lossily: names, SQL text and values stay `&[u8]`/`Bytes` so that
 //! non-UTF-8 input round-trips byte for byte.
 
+pub mod bind;
 pub mod frame;
 pub mod messages;
 pub mod rows;

@@ -66,6 +66,25 @@ pub fn decode_row_description(body: &[u8]) -> Result<Vec<FieldDescription>, Malf
     Ok(fields)
 }
 
+/// Encodes a whole RowDescription frame.
+pub fn encode_row_description(fields: &[FieldDescription]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(2 + fields.iter().map(|f| f.name.len() + 19).sum::<usize>());
+    body.extend_from_slice(&(fields.len() as i16).to_be_bytes());
+    for field in fields {
+        body.extend_from_slice(&field.name);
+        body.push(0);
+        body.extend_from_slice(&field.table_oid.to_be_bytes());
+        body.extend_from_slice(&field.attnum.to_be_bytes());
+        body.extend_from_slice(&field.type_oid.to_be_bytes());
+        body.extend_from_slice(&field.type_len.to_be_bytes());
+        body.extend_from_slice(&field.type_modifier.to_be_bytes());
+        body.extend_from_slice(&field.format.to_be_bytes());
+    }
+    let mut frame = Vec::with_capacity(body.len() + 5);
+    super::frame::encode_frame(&mut frame, b'T', &body);
+    frame
+}
+
 /// The value ranges of a DataRow body: `None` for SQL NULL, else the byte range of the
 /// value inside the body.
 pub fn decode_data_row(body: &[u8]) -> Result<Vec<Option<Range<usize>>>, MalformedMessage> {
