@@ -280,7 +280,8 @@ impl Keyring {
                 text.push_str("  ");
                 text.push_str(&yaml_id(id));
                 text.push_str(": ");
-                base64::engine::general_purpose::STANDARD.encode_string(&*key.0, &mut text);
+                base64::engine::general_purpose::STANDARD
+                    .encode_string(key.0.as_slice(), &mut text);
                 text.push('\n');
             }
         }
