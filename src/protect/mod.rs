@@ -5,6 +5,7 @@
 //! this module only decides *how*. Nothing in here may ever return, log or put into an
 //! error message the original value of a protected column.
 
+pub mod envelope;
 pub mod keyring;
 pub mod mask;
 pub mod pgtypes;
