@@ -20,6 +20,7 @@ use crate::catalog::snapshot::CatalogSnapshot;
 use crate::catalog::CatalogError;
 use crate::config::Config;
 use crate::policy::{Policy, PolicyError};
+use crate::protect::column_crypto::Ciphers;
 use crate::protect::keyring::{Keyring, KeyringError};
 use crate::protect::mask::HashKey;
 
@@ -44,6 +45,8 @@ pub struct Protection {
     pub policy: Arc<Policy>,
     pub catalog: Arc<CatalogSnapshot>,
     pub hash_key: Option<Arc<HashKey>>,
+    /// The ciphers of the policy's encrypted columns, for this catalog.
+    pub ciphers: Arc<Ciphers>,
     /// Increases with every snapshot published, across databases.
     pub generation: u64,
     /// The database's schema-change count when this catalog was read (see
@@ -125,6 +128,7 @@ pub struct Engine {
     policy_path: PathBuf,
     policy: RwLock<Arc<Policy>>,
     hash_key: Option<Arc<HashKey>>,
+    keyring: Option<Arc<Keyring>>,
     databases: Mutex<HashMap<String, Arc<DatabaseSlot>>>,
     memberships: Mutex<HashMap<String, CachedMemberships>>,
     membership_epoch: AtomicU64,
@@ -144,11 +148,15 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 }
 
 /// Checks that `policy` can be enforced with `hash_key`, or says why not.
-fn enforceable(policy: &Policy, hash_key: Option<&Arc<HashKey>>) -> Result<(), EngineError> {
-    if policy.encrypts() {
+fn enforceable(
+    policy: &Policy,
+    hash_key: Option<&Arc<HashKey>>,
+    keyring: Option<&Arc<Keyring>>,
+) -> Result<(), EngineError> {
+    if policy.encrypts() && keyring.is_none() {
         return Err(EngineError::Unusable(
-            "the policy asks for column encryption (`encrypt:`), which this build of pgveil \
-             cannot do yet; refusing rather than store plaintext"
+            "the policy encrypts columns (`encrypt:`), which needs a keyring: set `keyring` \
+             in the config or PGVEIL_KEYRING (`pgveil keys generate` makes one)"
                 .into(),
         ));
     }
@@ -170,18 +178,19 @@ impl Engine {
             .clone()
             .ok_or_else(|| EngineError::Unusable("no policy configured".into()))?;
         let policy = Policy::load(&policy_path)?;
-        let keyring = Keyring::from_env_or_file(config.keyring.as_deref())?;
+        let keyring = Keyring::from_env_or_file(config.keyring.as_deref())?.map(Arc::new);
         let hash_key = keyring
-            .as_ref()
+            .as_deref()
             .and_then(Keyring::mask_hash_key)
             .map(Arc::new);
-        enforceable(&policy, hash_key.as_ref())?;
+        enforceable(&policy, hash_key.as_ref(), keyring.as_ref())?;
         let login = CatalogLogin::from_config(config)?;
         Ok(Engine {
             login,
             policy_path,
             policy: RwLock::new(Arc::new(policy)),
             hash_key,
+            keyring,
             databases: Mutex::new(HashMap::new()),
             memberships: Mutex::new(HashMap::new()),
             membership_epoch: AtomicU64::new(0),
@@ -316,10 +325,15 @@ impl Engine {
             protected_columns = catalog.protected_column_count(),
             "catalog loaded"
         );
+        let ciphers = Ciphers::build(&policy, &catalog.column_types, self.keyring.as_deref());
+        for (column, reason) in &ciphers.unusable {
+            warn!(%database, column = %policy.column_label(*column), %reason, "encrypted column cannot be written");
+        }
         Ok(Arc::new(Protection {
             policy,
             catalog: Arc::new(catalog),
             hash_key: self.hash_key.clone(),
+            ciphers: Arc::new(ciphers),
             generation,
             changes_seen,
         }))
@@ -424,7 +438,7 @@ impl Engine {
     pub async fn reload_policy(&self) -> Result<(), EngineError> {
         let _reloading = self.reloading.lock().await;
         let policy = Arc::new(Policy::load(&self.policy_path)?);
-        enforceable(&policy, self.hash_key.as_ref())?;
+        enforceable(&policy, self.hash_key.as_ref(), self.keyring.as_ref())?;
         let slots = self.slots();
         // Each database's loading lock is held from its read to the publication of
         // all of them, so no refresh can publish a fresher catalog in between that

@@ -108,6 +108,8 @@ pub enum DenyReason {
     UnsupportedOnEncrypted,
     /// The audit log cannot be written and `audit.on_failure` is `refuse`.
     AuditUnavailable,
+    /// A write would store a value of an encrypted column that pgveil cannot encrypt.
+    WriteRefused,
 }
 
 impl DenyReason {
@@ -118,6 +120,7 @@ impl DenyReason {
             DenyReason::ExportDenied => "export_denied",
             DenyReason::Unparseable => "unparseable",
             DenyReason::UnsupportedOnEncrypted => "unsupported_on_encrypted",
+            DenyReason::WriteRefused => "write_refused",
             DenyReason::AuditUnavailable => "audit_unavailable",
         }
     }

@@ -6,6 +6,8 @@
 //! error message the original value of a protected column.
 
 pub mod envelope;
+pub mod column_crypto;
 pub mod keyring;
+pub mod logical;
 pub mod mask;
 pub mod pgtypes;

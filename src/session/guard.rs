@@ -34,8 +34,13 @@ use crate::wire::messages::{
     MalformedMessage, Parse, Severity, TransactionStatus,
 };
 use crate::wire::rows::{
-    decode_data_row, decode_row_description, encode_data_row, FieldDescription, BINARY_FORMAT,
+    decode_data_row, decode_row_description, encode_data_row, encode_row_description,
+    FieldDescription, BINARY_FORMAT,
 };
+use crate::wire::bind::{encode_bind, encode_parse};
+use crate::policy::file::EncryptMode;
+use crate::protect::column_crypto::ColumnCrypto;
+use super::crypt::{ClientAction, SessionCrypto};
 
 #[derive(Debug, Error)]
 pub enum GuardError {
@@ -114,6 +119,9 @@ enum Treatment {
 struct Shaping {
     /// Number of columns every row must have.
     width: usize,
+    /// Encrypted columns, decrypted before any treatment: index, cipher, the format
+    /// the server sends and the client gets the value in.
+    decrypt: Vec<(usize, Arc<ColumnCrypto>, i16)>,
     columns: Vec<(usize, Treatment)>,
     hash_key: Option<Arc<HashKey>>,
 }
@@ -208,7 +216,18 @@ pub struct ReadGuard {
     /// each, the refusal to show in place of the server's error, and the statement the
     /// client sent (for the audit log).
     substituted: VecDeque<(u64, Box<Refusal>, Vec<u8>)>,
+    /// The write path of encryption: statement rewrites and Bind encryption.
+    crypto: SessionCrypto,
+    /// Parse and Bind requests replaced by ones that fail (a statement text or a
+    /// statement name starting with [`REFUSED_MARKER`]), by that marker: the refusal
+    /// to show in place of the server's error, and the client's statement.
+    refused_requests: HashMap<Vec<u8>, (Box<Refusal>, Vec<u8>)>,
+    next_marker: u64,
 }
+
+/// Parse texts and statement names pgveil sends in place of refused ones start with it:
+/// byte 1 makes the text unparseable and the name one no client uses.
+const REFUSED_MARKER: &[u8] = b"\x01pgveil refused request ";
 
 /// Most portals [`SentRequests`] remembers; past that it starts afresh (a forgotten
 /// portal is not described, so its rows are refused rather than risked).
@@ -402,6 +421,9 @@ impl ReadGuard {
             audited_policy: None,
             finished: None,
             substituted: VecDeque::new(),
+            crypto: SessionCrypto::default(),
+            refused_requests: HashMap::new(),
+            next_marker: 0,
         }
     }
 
@@ -498,8 +520,12 @@ impl ReadGuard {
         self.published.generation() != self.protection.generation
     }
 
+    /// The role may see every column in plaintext and nothing needs decrypting, so
+    /// results pass without inspection.
     fn unrestricted(&self) -> bool {
-        !self.memberships_unknown && self.protection.policy.is_unrestricted(self.role)
+        !self.memberships_unknown
+            && self.protection.policy.is_unrestricted(self.role)
+            && !self.protection.policy.encrypts()
     }
 
     /// The login's role memberships were read again (or could not be).
@@ -626,6 +652,11 @@ impl ReadGuard {
                 return Ok(Verdict::Substitute(failing_request(tag)));
             }
         }
+        if self.protection.policy.encrypts() {
+            if let Some(verdict) = self.encrypt_client_message(state, tag, body)? {
+                return Ok(verdict);
+            }
+        }
         if tag == b'E' && !self.unrestricted() {
             // A statement's description, or a portal's from before other statements
             // ran, may not match the rows: search_path, views and cursors can change in
@@ -637,6 +668,80 @@ impl ReadGuard {
             // Not described: its rows are refused (see `begin_execute_result`).
         }
         Ok(Verdict::Forward)
+    }
+
+    /// The write path: rewrites, refusals and COPY data of encrypted columns. `None`:
+    /// go on as without encryption.
+    fn encrypt_client_message(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Option<Verdict>, GuardError> {
+        let action =
+            self.crypto
+                .on_client_message(&self.protection, tag, body)?;
+        Ok(match action {
+            ClientAction::Forward => None,
+            ClientAction::Replace(frame) => Some(Verdict::Replace(frame)),
+            ClientAction::Drop => Some(Verdict::Drop),
+            ClientAction::Refuse(refused) => {
+                let mut refusal = denied(
+                    refused.reason,
+                    refused
+                        .column
+                        .map_or_else(|| UNKNOWN_TABLE.to_string(), |c| self.protection.policy.table_label(c)),
+                    refused.sqlstate,
+                    refused.message,
+                    &refused.hint,
+                );
+                if let Some(column) = refused.column {
+                    refusal = refusal.about(&self.protection.policy, column);
+                }
+                let statement = match tag {
+                    b'Q' => body.strip_suffix(b"\0").unwrap_or(body).to_vec(),
+                    b'P' => Parse::decode(body)?.query.to_vec(),
+                    _ => b"<bind>".to_vec(),
+                };
+                Some(match tag {
+                    b'Q' => {
+                        self.substituted
+                            .push_back((state.executions_sent(), refusal, statement));
+                        Verdict::Substitute(failing_request(b'Q'))
+                    }
+                    _ => {
+                        let mut marker = REFUSED_MARKER.to_vec();
+                        marker.extend_from_slice(self.next_marker.to_string().as_bytes());
+                        self.next_marker += 1;
+                        self.refused_requests.insert(marker.clone(), (refusal, statement));
+                        Verdict::Substitute(if tag == b'P' {
+                            let parse = Parse::decode(body)?;
+                            encode_parse(parse.statement, &marker, &[])
+                        } else {
+                            let bind = BindNames::decode(body)?;
+                            encode_bind(bind.portal, &marker, &[], &[])
+                        })
+                    }
+                })
+            }
+        })
+    }
+
+    /// The refusal of a Parse or Bind pgveil replaced, when the server's error answers
+    /// one.
+    fn refused_request_answered(&mut self, state: &SessionState) -> Option<(Box<Refusal>, Vec<u8>)> {
+        if self.refused_requests.is_empty() {
+            return None;
+        }
+        let marker: &[u8] = match state.next_expected() {
+            Some(Expected::ParseComplete(statement)) => &statement.query,
+            Some(Expected::BindComplete { statement, .. }) => statement,
+            _ => return None,
+        };
+        if !marker.starts_with(REFUSED_MARKER) {
+            return None;
+        }
+        self.refused_requests.remove(marker)
     }
 
     /// Decides what happens to a server message. Called before `state` records it.
@@ -714,6 +819,17 @@ impl ReadGuard {
                 _ => Verdict::Drop,
             });
         }
+        if tag == b't' {
+            if let Some(Expected::StatementDescription { statement }) = state.next_expected() {
+                if let Some(frame) =
+                    self.crypto
+                        .parameter_description(&self.protection, statement, body)?
+                {
+                    return Ok(Verdict::Replace(frame));
+                }
+            }
+            return Ok(Verdict::Forward);
+        }
         match tag {
             b'T' => self.on_row_description(state, body),
             // pgveil's own Describe: the client did not ask for it.
@@ -750,7 +866,10 @@ impl ReadGuard {
             b'C' | b'I' | b's' | b'E' => {
                 let fatal = tag == b'E' && error_is_fatal(body);
                 if tag == b'E' && !fatal {
-                    if let Some((refusal, statement)) = self.substitution_answered(state) {
+                    if let Some((refusal, statement)) = self
+                        .refused_request_answered(state)
+                        .or_else(|| self.substitution_answered(state))
+                    {
                         self.finish(Outcome::Denied(refusal.reason), 0, refusal.column.clone());
                         if let Some(finished) = self.finished.as_mut() {
                             finished.statement = Some(statement);
@@ -1099,6 +1218,11 @@ impl ReadGuard {
                 changes_needed: 0,
             }));
         }
+        let logical = self.logical_description(&columns);
+        let forward = || match &logical {
+            Some(frame) => Verdict::Replace(frame.clone()),
+            None => Verdict::Forward,
+        };
         if answers_describe {
             // Rows come later, with an Execute; only a refusal acts now.
             return Ok(match plan {
@@ -1107,15 +1231,15 @@ impl ReadGuard {
                     self.finish(Outcome::Denied(report.reason), 0, report.column.clone());
                     Verdict::Replace(self.refuse(&report))
                 }
-                _ => Verdict::Forward,
+                _ => forward(),
             });
         }
         if matches!(plan, Plan::Pass | Plan::Shape(_)) {
             self.served = self.served_counters(&columns);
         }
         let (result, verdict) = match plan {
-            Plan::Pass => (ResultState::Pass, Verdict::Forward),
-            Plan::Shape(shaping) => (ResultState::Shape(Arc::new(shaping)), Verdict::Forward),
+            Plan::Pass => (ResultState::Pass, forward()),
+            Plan::Shape(shaping) => (ResultState::Shape(Arc::new(shaping)), forward()),
             Plan::Deny(report) => (ResultState::Denied(report), Verdict::Drop),
             Plan::Unknown(_) => (ResultState::Idle, Verdict::Forward),
         };
@@ -1150,9 +1274,16 @@ impl ReadGuard {
             ResultState::Denied(_) => Ok(Verdict::Drop),
             ResultState::Shape(shaping) => {
                 let shaping = shaping.clone();
-                let shaped = shape_row(&shaping, body)?;
-                self.served_rows += 1;
-                Ok(Verdict::Replace(shaped))
+                match shape_row(&shaping, body)? {
+                    Ok(shaped) => {
+                        self.served_rows += 1;
+                        Ok(Verdict::Replace(shaped))
+                    }
+                    Err(index) => {
+                        self.result = ResultState::Denied(self.decrypt_failure(&shaping, index));
+                        Ok(Verdict::Drop)
+                    }
+                }
             }
             ResultState::Undescribed { portal } => {
                 let report = denied(
@@ -1184,6 +1315,56 @@ impl ReadGuard {
             }
             ResultState::Idle => Err(GuardError::Unexpected("DataRow outside of a result".into())),
         }
+    }
+
+    /// The refusal of a result whose column `index` holds a value that does not
+    /// decrypt (tampered, from another column, under an unknown key, or plaintext).
+    fn decrypt_failure(&self, shaping: &Shaping, index: usize) -> Box<Refusal> {
+        let identity = shaping
+            .decrypt
+            .iter()
+            .find(|(i, _, _)| *i == index)
+            .map(|(_, crypto, _)| crypto.cipher.identity().clone());
+        let (table, column) = identity
+            .map(|id| (format!("{}.{}", id.schema, id.table), id.column))
+            .unwrap_or_else(|| (UNKNOWN_TABLE.to_string(), UNKNOWN_TABLE.to_string()));
+        metrics()
+            .decrypt_failures_total
+            .with_label_values(&[table.as_str(), column.as_str()])
+            .inc();
+        Box::new(Refusal {
+            report: ErrorReport::new(
+                Severity::Error,
+                "XX001",
+                format!("pgveil: a value of encrypted column {table}.{column} does not decrypt: it was altered, copied from another column, is under a key not in the keyring, or was stored in plaintext"),
+            )
+            .with_hint("restore the value, add the missing key to the keyring, or run `pgveil encrypt` on the table"),
+            reason: DenyReason::UnsupportedOnEncrypted,
+            table,
+            column: None,
+        })
+    }
+
+    /// A RowDescription with the logical types of encrypted columns, when it has any.
+    fn logical_description(&self, columns: &[FieldDescription]) -> Option<Vec<u8>> {
+        if !self.protection.policy.encrypts() {
+            return None;
+        }
+        let mut changed = false;
+        let mut fields = columns.to_vec();
+        for field in &mut fields {
+            if let Lookup::Protected(ColumnSource::Protected(column)) =
+                self.protection.catalog.lookup(field.table_oid, field.attnum)
+            {
+                if let Some(crypto) = self.protection.ciphers.get(*column) {
+                    field.type_oid = crypto.logical.oid();
+                    field.type_len = crypto.logical.type_len();
+                    field.type_modifier = -1;
+                    changed = true;
+                }
+            }
+        }
+        changed.then(|| encode_row_description(&fields))
     }
 
     /// Counts a refusal and encodes the error the client gets for it.
@@ -1259,6 +1440,7 @@ impl ReadGuard {
         let rule_sources = self.protection.catalog.reading_rule_sources();
         let rule_columns = ColumnSource::Derived(rule_sources.to_vec());
         let mut treatments = Vec::new();
+        let mut decrypt = Vec::new();
         // The first protected column of the result, for a refusal while the audit log
         // cannot be written.
         let mut first_protected: Option<&ColumnSource> = None;
@@ -1291,6 +1473,49 @@ impl ReadGuard {
             };
             first_protected.get_or_insert(source);
             let column_name = String::from_utf8_lossy(&field.name);
+            // Ciphertext is decrypted for every role that may see more than NULL; a
+            // value computed from ciphertext means nothing and is refused.
+            let mut logical_oid = field.type_oid;
+            match source {
+                ColumnSource::Protected(column) if policy.columns[*column].encrypt != EncryptMode::None => {
+                    match self.protection.ciphers.get(*column) {
+                        Some(crypto) => {
+                            logical_oid = crypto.logical.oid();
+                            if !matches!(policy.action(self.role, *column), Action::Redact | Action::Deny) {
+                                decrypt.push((index, crypto.clone(), field.format));
+                            }
+                        }
+                        None => {
+                            return Plan::Deny(denied(
+                                DenyReason::UnsupportedOnEncrypted,
+                                policy.table_label(*column),
+                                "XX001",
+                                format!(
+                                    "pgveil: cannot decrypt column {}: {}",
+                                    policy.column_label(*column),
+                                    self.protection.ciphers.unusable.get(column).map_or("it has no cipher", String::as_str)
+                                ),
+                                "fix the column's type or the keyring",
+                            ).about(policy, *column))
+                        }
+                    }
+                }
+                ColumnSource::Derived(sources) => {
+                    if let Some(&id) = sources.iter().find(|&&id| policy.columns[id].encrypt != EncryptMode::None) {
+                        return Plan::Deny(denied(
+                            DenyReason::UnsupportedOnEncrypted,
+                            policy.table_label(id),
+                            "0A000",
+                            format!(
+                                "pgveil: column \"{column_name}\" is computed from the ciphertext of encrypted column {}, which cannot give a correct value",
+                                policy.column_label(id)
+                            ),
+                            "select the encrypted column itself, which pgveil decrypts, and compute in the application",
+                        ).about(policy, id));
+                    }
+                }
+                ColumnSource::Protected(_) => {}
+            }
             let action = match source {
                 ColumnSource::Protected(column) => match policy.action(self.role, *column) {
                     Action::Deny => {
@@ -1352,7 +1577,7 @@ impl ReadGuard {
                 Action::Allow => {}
                 Action::Redact => treatments.push((index, Treatment::Redact)),
                 Action::Mask(mask) => {
-                    if field.format == BINARY_FORMAT && !is_text_like(field.type_oid) {
+                    if field.format == BINARY_FORMAT && !is_text_like(logical_oid) {
                         return Plan::Deny(denied(
                             DenyReason::UnsupportedOnEncrypted,
                             source_table(policy, source),
@@ -1375,11 +1600,12 @@ impl ReadGuard {
                 return Plan::Deny(self.audit_refusal(source_table(policy, source)));
             }
         }
-        if treatments.is_empty() {
+        if treatments.is_empty() && decrypt.is_empty() {
             return Plan::Pass;
         }
         Plan::Shape(Shaping {
             width: columns.len(),
+            decrypt,
             columns: treatments,
             hash_key: self.protection.hash_key.clone(),
         })
@@ -1494,7 +1720,7 @@ fn answers_internal_describe(state: &SessionState) -> bool {
 
 /// One DataRow with its protected fields transformed; other fields are copied as they
 /// are.
-fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Vec<u8>, GuardError> {
+fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Result<Vec<u8>, usize>, GuardError> {
     let ranges = decode_data_row(body)?;
     if ranges.len() != shaping.width {
         return Err(GuardError::Unexpected(format!(
@@ -1507,6 +1733,21 @@ fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Vec<u8>, GuardError> {
         .into_iter()
         .map(|range| range.map(|range| Cow::Borrowed(&body[range])))
         .collect();
+    for (index, crypto, format) in &shaping.decrypt {
+        let Some(slot) = values.get_mut(*index) else {
+            continue;
+        };
+        if let Some(stored) = slot.as_deref() {
+            let value = crypto
+                .open(stored, *format)
+                .ok()
+                .and_then(|canonical| crypto.present(canonical, *format).ok());
+            match value {
+                Some(value) => *slot = Some(Cow::Owned(value)),
+                None => return Ok(Err(*index)),
+            }
+        }
+    }
     for (index, treatment) in &shaping.columns {
         let Some(slot) = values.get_mut(*index) else {
             continue;
@@ -1523,5 +1764,5 @@ fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Vec<u8>, GuardError> {
     }
     let mut out = Vec::with_capacity(body.len() + 16);
     encode_data_row(&mut out, values.iter().map(|value| value.as_deref()));
-    Ok(out)
+    Ok(Ok(out))
 }

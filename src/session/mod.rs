@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod cancel;
 pub mod conn;
+pub mod crypt;
 pub mod guard;
 pub mod negotiate;
 pub mod pump;

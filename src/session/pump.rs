@@ -403,8 +403,9 @@ impl Pump {
                         Verdict::Forward | Verdict::DescribeFirst(_) => {
                             shared.state.on_client_message(header.tag, body)?;
                         }
-                        // The server sees the substitute: so must the session state.
-                        Verdict::Substitute(frame) => {
+                        // The server sees the substitute or the rewritten message: so
+                        // must the session state.
+                        Verdict::Substitute(frame) | Verdict::Replace(frame) => {
                             let substitute = frame.get(HEADER_LEN..).unwrap_or_default();
                             shared.state.on_client_message(header.tag, substitute)?;
                         }

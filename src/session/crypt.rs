@@ -1,0 +1,499 @@
+//! The write path of encryption for one session: statements that name a relation with
+//! encrypted columns are analysed (`sql::encryption`) and rewritten before the server
+//! sees them — literals become ciphertext, Parse parameter types are loosened so the
+//! server accepts ciphertext, Bind parameters are encrypted, COPY … FROM STDIN rows get
+//! their encrypted fields replaced — and ParameterDescription shows clients the
+//! logical types again.
+//!
+//! Sans-IO, like the rest of the session bookkeeping. It must never forward a value
+//! bound for an encrypted column in plaintext: anything it cannot encrypt becomes a
+//! refusal, and the caller sends the server a request that fails instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::engine::Protection;
+use crate::observe::metrics::DenyReason;
+use crate::policy::ColumnId;
+use crate::protect::column_crypto::ColumnCrypto;
+use crate::sql::encryption::{
+    analyse, Analysis, CopyIn, Edit, Knowledge, Operand, ParamUse, RefusalKind,
+};
+use crate::wire::bind::{decode_parameter_description, encode_bind, encode_parameter_description, encode_parse, Bind};
+use crate::wire::messages::{BindNames, MalformedMessage, Parse, TargetName, Target};
+
+/// Why a client request is refused before the server sees it.
+#[derive(Debug, Clone)]
+pub struct WriteRefusal {
+    pub sqlstate: &'static str,
+    pub reason: DenyReason,
+    pub column: Option<ColumnId>,
+    pub message: String,
+    pub hint: String,
+}
+
+/// What to do with one client message.
+#[derive(Debug)]
+pub enum ClientAction {
+    Forward,
+    /// Send these frames instead.
+    Replace(Vec<u8>),
+    Refuse(Box<WriteRefusal>),
+    Drop,
+}
+
+/// What pgveil did to a prepared statement, for its Binds and Describes.
+#[derive(Debug, Default)]
+struct StatementPlan {
+    /// Parameters bound for encrypted columns.
+    params: Vec<ParamUse>,
+    /// Parameters pgveil added (after the client's): for each, the client's parameter
+    /// it repeats and the index of the keyring key (in the cipher's order) it is
+    /// encrypted under.
+    extras: Vec<(u32, usize)>,
+    /// How many parameters the client knows of.
+    client_params: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct SessionCrypto {
+    statements: HashMap<Bytes, Arc<StatementPlan>>,
+    /// Portal name → plan of the statement it was bound from, for Executes.
+    portals: HashMap<Bytes, Arc<StatementPlan>>,
+}
+
+fn refusal(
+    sqlstate: &'static str,
+    reason: DenyReason,
+    column: Option<ColumnId>,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> Box<WriteRefusal> {
+    Box::new(WriteRefusal {
+        sqlstate,
+        reason,
+        column,
+        message: message.into(),
+        hint: hint.into(),
+    })
+}
+
+fn unusable(protection: &Protection, column: ColumnId) -> Box<WriteRefusal> {
+    let reason = protection
+        .ciphers
+        .unusable
+        .get(&column)
+        .cloned()
+        .unwrap_or_else(|| "it has no cipher".into());
+    refusal(
+        "42501",
+        DenyReason::WriteRefused,
+        Some(column),
+        format!(
+            "pgveil: cannot encrypt values of column {}: {reason}",
+            protection.policy.column_label(column)
+        ),
+        "fix the column or the keyring; pgveil never stores its values in plaintext",
+    )
+}
+
+fn crypto_of<'a>(protection: &'a Protection, column: ColumnId) -> Result<&'a Arc<ColumnCrypto>, Box<WriteRefusal>> {
+    protection
+        .ciphers
+        .get(column)
+        .ok_or_else(|| unusable(protection, column))
+}
+
+fn value_refusal(protection: &Protection, column: ColumnId, error: impl std::fmt::Display, sqlstate: &'static str) -> Box<WriteRefusal> {
+    refusal(
+        sqlstate,
+        DenyReason::WriteRefused,
+        Some(column),
+        format!(
+            "pgveil: value for encrypted column {}: {error}",
+            protection.policy.column_label(column)
+        ),
+        "send a valid value of the column's type",
+    )
+}
+
+/// The canonical text of a client value for `column`.
+fn canonical(protection: &Protection, column: ColumnId, format: i16, value: &[u8]) -> Result<(Arc<ColumnCrypto>, Vec<u8>), Box<WriteRefusal>> {
+    let crypto = crypto_of(protection, column)?.clone();
+    let canonical = crypto
+        .canonical(format, value)
+        .map_err(|error| value_refusal(protection, column, &error.message, error.sqlstate))?;
+    Ok((crypto, canonical))
+}
+
+fn seal(protection: &Protection, column: ColumnId, crypto: &ColumnCrypto, canonical: &[u8]) -> Result<Vec<u8>, Box<WriteRefusal>> {
+    crypto
+        .seal(canonical)
+        .map_err(|error| value_refusal(protection, column, error, "XX000"))
+}
+
+fn seal_every(protection: &Protection, column: ColumnId, crypto: &ColumnCrypto, canonical: &[u8]) -> Result<Vec<Vec<u8>>, Box<WriteRefusal>> {
+    crypto
+        .seal_under_every_key(canonical)
+        .map_err(|error| value_refusal(protection, column, error, "XX000"))
+}
+
+/// COPY … FROM STDIN into encrypted columns is refused until pgveil encrypts its rows.
+fn copy_not_supported(protection: &Protection, copy: &CopyIn) -> Box<WriteRefusal> {
+    let column = copy.fields.iter().flatten().next().copied();
+    refusal(
+        "0A000",
+        DenyReason::WriteRefused,
+        column,
+        format!(
+            "pgveil: COPY … FROM STDIN into encrypted column {} is not supported yet",
+            column.map_or_else(|| "?".to_string(), |c| protection.policy.column_label(c))
+        ),
+        "load the rows with INSERT (prepared, batched), which pgveil encrypts",
+    )
+}
+
+/// Analyses `sql`; `None` when it names no relation with encrypted columns.
+fn analysis_of(protection: &Protection, sql: &[u8]) -> Result<Option<Analysis>, Box<WriteRefusal>> {
+    if !protection.catalog.names_encrypted_relation(sql) {
+        return Ok(None);
+    }
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return Err(refusal(
+            "42501",
+            DenyReason::Unparseable,
+            None,
+            "pgveil: cannot analyse a statement that is not valid UTF-8 and names a table with encrypted columns",
+            "send statements touching encrypted columns in UTF-8",
+        ));
+    };
+    let knowledge = Knowledge {
+        policy: &protection.policy,
+        relations: protection.catalog.encrypted_relations(),
+        single_key: protection.ciphers.single_key,
+    };
+    analyse(text, &knowledge).map(Some).map_err(|refused| {
+        let reason = match refused.kind {
+            RefusalKind::Unsupported => DenyReason::UnsupportedOnEncrypted,
+            RefusalKind::WriteRefused => DenyReason::WriteRefused,
+            RefusalKind::Unparseable => DenyReason::Unparseable,
+        };
+        Box::new(WriteRefusal {
+            sqlstate: refused.sqlstate(),
+            reason,
+            column: refused.column,
+            message: refused.message,
+            hint: refused.hint.to_string(),
+        })
+    })
+}
+
+/// The statement text with every edit applied; parameters pgveil adds are numbered
+/// from `next_param` and recorded in `extras`.
+fn rewrite(
+    protection: &Protection,
+    sql: &str,
+    analysis: &Analysis,
+    next_param: &mut u32,
+    extras: &mut Vec<(u32, usize)>,
+) -> Result<String, Box<WriteRefusal>> {
+    let mut replacements = Vec::with_capacity(analysis.edits.len());
+    let lookup_items = |column: ColumnId, operand: &Operand, next_param: &mut u32, extras: &mut Vec<(u32, usize)>| -> Result<String, Box<WriteRefusal>> {
+        match operand {
+            Operand::Literal(value) => {
+                let (crypto, canonical) = canonical(protection, column, 0, value.as_bytes())?;
+                let envelopes = seal_every(protection, column, &crypto, &canonical)?;
+                Ok(envelopes
+                    .iter()
+                    .map(|e| crypto.literal(e))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+            }
+            Operand::Param(index) => {
+                let crypto = crypto_of(protection, column)?;
+                let keys = crypto.cipher.key_ids().count();
+                let mut items = vec![format!("${index}")];
+                for key in 1..keys {
+                    items.push(format!("${}", *next_param));
+                    extras.push((*index, key));
+                    *next_param += 1;
+                }
+                Ok(items.join(", "))
+            }
+        }
+    };
+    for edit in &analysis.edits {
+        match edit {
+            Edit::Write {
+                range,
+                column,
+                value,
+            } => {
+                let (crypto, canonical) = canonical(protection, *column, 0, value.as_bytes())?;
+                let envelope = seal(protection, *column, &crypto, &canonical)?;
+                replacements.push((range.clone(), crypto.literal(&envelope)));
+            }
+            Edit::ListItem {
+                range,
+                column,
+                operand,
+            } => {
+                let items = lookup_items(*column, operand, next_param, extras)?;
+                replacements.push((range.clone(), items));
+            }
+            Edit::Comparison {
+                range,
+                column_text,
+                negated,
+                column,
+                operand,
+            } => {
+                let items = lookup_items(*column, operand, next_param, extras)?;
+                let column_text = sql.get(column_text.clone()).unwrap_or_default();
+                let not = if *negated { " NOT" } else { "" };
+                replacements.push((range.clone(), format!("{column_text}{not} IN ({items})")));
+            }
+        }
+    }
+    crate::sql::splice(sql, replacements).map_err(|problem| {
+        refusal(
+            "42501",
+            DenyReason::Unparseable,
+            None,
+            format!("pgveil: cannot rewrite a statement that names a table with encrypted columns ({problem})"),
+            "simplify the statement",
+        )
+    })
+}
+
+impl SessionCrypto {
+    /// Checks and rewrites a client message.
+    pub fn on_client_message(
+        &mut self,
+        protection: &Protection,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<ClientAction, MalformedMessage> {
+        Ok(match tag {
+            b'Q' => self.on_query(protection, body),
+            b'P' => self.on_parse(protection, body)?,
+            b'B' => self.on_bind(protection, body)?,
+            b'C' => {
+                let target = TargetName::decode("Close", body)?;
+                match target.target {
+                    Target::Statement => self.statements.remove(target.name),
+                    Target::Portal => self.portals.remove(target.name),
+                };
+                ClientAction::Forward
+            }
+            _ => ClientAction::Forward,
+        })
+    }
+
+    fn on_query(&mut self, protection: &Protection, body: &[u8]) -> ClientAction {
+        let sql = body.strip_suffix(b"\0").unwrap_or(body);
+        let analysis = match analysis_of(protection, sql) {
+            Ok(None) => return ClientAction::Forward,
+            Ok(Some(analysis)) => analysis,
+            Err(refused) => return ClientAction::Refuse(refused),
+        };
+        if let Some(param) = analysis.params.first() {
+            // A simple Query has no parameters: the server will fail it anyway.
+            return ClientAction::Refuse(refusal(
+                "42P02",
+                DenyReason::WriteRefused,
+                Some(param.column),
+                format!("pgveil: there is no parameter ${}", param.index),
+                "parameters need the extended protocol",
+            ));
+        }
+        if let Some(copy) = &analysis.copy_in {
+            return ClientAction::Refuse(copy_not_supported(protection, copy));
+        }
+        if analysis.edits.is_empty() {
+            return ClientAction::Forward;
+        }
+        // Checked above.
+        let text = std::str::from_utf8(sql).unwrap_or_default();
+        let mut next_param = analysis.highest_param + 1;
+        let mut extras = Vec::new();
+        match rewrite(protection, text, &analysis, &mut next_param, &mut extras) {
+            Ok(rewritten) => {
+                let mut body = rewritten.into_bytes();
+                body.push(0);
+                let mut frame = Vec::with_capacity(body.len() + 5);
+                crate::wire::frame::encode_frame(&mut frame, b'Q', &body);
+                ClientAction::Replace(frame)
+            }
+            Err(refused) => ClientAction::Refuse(refused),
+        }
+    }
+
+    fn on_parse(&mut self, protection: &Protection, body: &[u8]) -> Result<ClientAction, MalformedMessage> {
+        let parse = Parse::decode(body)?;
+        let name = Bytes::copy_from_slice(parse.statement);
+        let analysis = match analysis_of(protection, parse.query) {
+            Ok(None) => {
+                self.statements.remove(&name);
+                return Ok(ClientAction::Forward);
+            }
+            Ok(Some(analysis)) => analysis,
+            Err(refused) => {
+                self.statements.remove(&name);
+                return Ok(ClientAction::Refuse(refused));
+            }
+        };
+        if let Some(copy) = &analysis.copy_in {
+            self.statements.remove(&name);
+            return Ok(ClientAction::Refuse(copy_not_supported(protection, copy)));
+        }
+        let client_params = (analysis.highest_param as usize).max(parse.parameter_types.len());
+        let mut next_param = client_params as u32 + 1;
+        let mut extras = Vec::new();
+        let text = std::str::from_utf8(parse.query).unwrap_or_default();
+        let rewritten = if analysis.edits.is_empty() {
+            None
+        } else {
+            match rewrite(protection, text, &analysis, &mut next_param, &mut extras) {
+                Ok(rewritten) => Some(rewritten),
+                Err(refused) => {
+                    self.statements.remove(&name);
+                    return Ok(ClientAction::Refuse(refused));
+                }
+            }
+        };
+        let plan = StatementPlan {
+            params: analysis.params.clone(),
+            extras,
+            client_params,
+        };
+        // The server infers the type of an encrypted parameter from its column (text
+        // or bytea); the type the client declared is the logical one.
+        let mut types = parse.parameter_types.clone();
+        let declared_encrypted = plan
+            .params
+            .iter()
+            .any(|p| types.get(p.index as usize - 1).is_some_and(|&t| t != 0));
+        if !plan.extras.is_empty() {
+            types.resize(next_param as usize - 1, 0);
+        }
+        for param in &plan.params {
+            if let Some(slot) = types.get_mut(param.index as usize - 1) {
+                *slot = 0;
+            }
+        }
+        let changed = rewritten.is_some() || declared_encrypted || !plan.extras.is_empty();
+        let query = rewritten.map(String::into_bytes).unwrap_or_else(|| parse.query.to_vec());
+        self.statements.insert(name, Arc::new(plan));
+        Ok(if changed {
+            ClientAction::Replace(encode_parse(parse.statement, &query, &types))
+        } else {
+            ClientAction::Forward
+        })
+    }
+
+    fn on_bind(&mut self, protection: &Protection, body: &[u8]) -> Result<ClientAction, MalformedMessage> {
+        let names = BindNames::decode(body)?;
+        let portal = Bytes::copy_from_slice(names.portal);
+        let Some(plan) = self.statements.get(names.statement).cloned() else {
+            self.portals.remove(&portal);
+            return Ok(ClientAction::Forward);
+        };
+        self.portals.insert(portal, plan.clone());
+        if plan.params.is_empty() && plan.extras.is_empty() {
+            return Ok(ClientAction::Forward);
+        }
+        let bind = Bind::decode(body)?;
+        let mut parameters: Vec<(i16, Option<Vec<u8>>)> = Vec::with_capacity(bind.parameters.len() + plan.extras.len());
+        // Per lookup parameter: its envelopes under every key.
+        let mut lookups: HashMap<u32, Vec<Vec<u8>>> = HashMap::new();
+        for (index, value) in bind.parameters.iter().enumerate() {
+            let format = bind.parameter_format(index);
+            let number = index as u32 + 1;
+            let Some(param) = plan.params.iter().find(|p| p.index == number) else {
+                parameters.push((format, value.map(<[u8]>::to_vec)));
+                continue;
+            };
+            let Some(value) = value else {
+                parameters.push((0, None));
+                continue;
+            };
+            let (crypto, canonical) = match canonical(protection, param.column, format, value) {
+                Ok(found) => found,
+                Err(refused) => return Ok(ClientAction::Refuse(refused)),
+            };
+            let envelope = if param.lookup {
+                let envelopes = match seal_every(protection, param.column, &crypto, &canonical) {
+                    Ok(envelopes) => envelopes,
+                    Err(refused) => return Ok(ClientAction::Refuse(refused)),
+                };
+                let first = envelopes.first().cloned().unwrap_or_default();
+                lookups.insert(number, envelopes);
+                first
+            } else {
+                match seal(protection, param.column, &crypto, &canonical) {
+                    Ok(envelope) => envelope,
+                    Err(refused) => return Ok(ClientAction::Refuse(refused)),
+                }
+            };
+            let (format, stored) = crypto.parameter(envelope);
+            parameters.push((format, Some(stored)));
+        }
+        for (source, key) in &plan.extras {
+            let column = plan.params.iter().find(|p| p.index == *source).map(|p| p.column);
+            let envelope = lookups.get(source).and_then(|e| e.get(*key)).cloned();
+            match (column, envelope) {
+                (Some(column), Some(envelope)) => {
+                    let crypto = match crypto_of(protection, column) {
+                        Ok(crypto) => crypto,
+                        Err(refused) => return Ok(ClientAction::Refuse(refused)),
+                    };
+                    let (format, stored) = crypto.parameter(envelope);
+                    parameters.push((format, Some(stored)));
+                }
+                // The client's parameter was NULL (or missing: the server will say).
+                _ => parameters.push((0, None)),
+            }
+        }
+        let borrowed: Vec<(i16, Option<&[u8]>)> = parameters
+            .iter()
+            .map(|(format, value)| (*format, value.as_deref()))
+            .collect();
+        Ok(ClientAction::Replace(encode_bind(
+            bind.portal,
+            bind.statement,
+            &borrowed,
+            &bind.result_formats,
+        )))
+    }
+
+    /// A ParameterDescription answering a Describe of `statement`: the logical types
+    /// of encrypted parameters, and only the parameters the client knows of.
+    pub fn parameter_description(
+        &self,
+        protection: &Protection,
+        statement: &[u8],
+        body: &[u8],
+    ) -> Result<Option<Vec<u8>>, MalformedMessage> {
+        let Some(plan) = self.statements.get(statement) else {
+            return Ok(None);
+        };
+        if plan.params.is_empty() && plan.extras.is_empty() {
+            return Ok(None);
+        }
+        let mut types = decode_parameter_description(body)?;
+        for param in &plan.params {
+            if let (Some(slot), Some(crypto)) = (
+                types.get_mut(param.index as usize - 1),
+                protection.ciphers.get(param.column),
+            ) {
+                *slot = crypto.logical.oid();
+            }
+        }
+        types.truncate(plan.client_params);
+        Ok(Some(encode_parameter_description(&types)))
+    }
+}
+

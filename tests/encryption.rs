@@ -1,0 +1,340 @@
+//! Encryption at rest against a real PostgreSQL: what INSERT and UPDATE store (read
+//! around pgveil), what each role reads back through the simple and extended protocols,
+//! equality lookups on deterministic columns, the refusals of what ciphertext cannot
+//! answer (0A000) or would store in plaintext (42501), tampered and moved ciphertext
+//! (XX001), and key rotation.
+
+mod support;
+
+use std::sync::OnceLock;
+
+use support::{cluster, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions};
+use tokio_postgres::SimpleQueryMessage;
+
+const SCHEMA: &str = "
+CREATE ROLE enc_catalog LOGIN;
+CREATE ROLE enc_billing LOGIN;
+CREATE ROLE enc_support LOGIN;
+CREATE TABLE accounts (
+    id int PRIMARY KEY, name text,
+    id_card text, phone text, balance text, opened text, score text, note text);
+GRANT ALL ON accounts TO PUBLIC;
+";
+
+const POLICY: &str = "
+version: 1
+roles:
+  billing: { members: [enc_billing] }
+  support: { members: [enc_support] }
+tables:
+  public.accounts:
+    columns:
+      id_card: { level: L3, encrypt: deterministic, mask: cn_id_card, access: { billing: allow } }
+      phone:   { level: L3, encrypt: randomized, mask: cn_mobile, access: { billing: allow } }
+      balance: { level: L3, encrypt: deterministic, type: numeric, access: { billing: allow, support: redact } }
+      opened:  { level: L2, encrypt: randomized, type: date, access: { billing: allow, support: allow } }
+      score:   { level: L2, encrypt: randomized, type: int4, access: { billing: allow, support: allow } }
+";
+
+const KEY1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+const ID_CARD: &str = "110105199001011234";
+const PHONE: &str = "13812345678";
+
+static SCHEMA_READY: OnceLock<()> = OnceLock::new();
+
+fn schema() {
+    SCHEMA_READY.get_or_init(|| {
+        cluster().psql_ok("postgres", SCHEMA);
+    });
+}
+
+/// pgveil with the policy and a keyring of `keys` (id, base64), the last one active.
+fn proxy(keys: &[(&str, &str)]) -> Proxy {
+    schema();
+    let policy = write_policy(POLICY);
+    let dir = policy.parent().expect("policy folder");
+    let mut keyring = format!("active: {}\nkeys:\n", keys.last().expect("a key").0);
+    for (id, key) in keys {
+        keyring.push_str(&format!("  {id}: {key}\n"));
+    }
+    let keyring_path = dir.join("keyring.yaml");
+    std::fs::write(&keyring_path, keyring).expect("keyring");
+    Proxy::start_with(ProxyOptions {
+        extra_yaml: format!(
+            "{}keyring: {}\n",
+            policy_yaml("enc_catalog", &policy),
+            keyring_path.display()
+        ),
+        ..ProxyOptions::default()
+    })
+}
+
+/// Rows of a simple query, every value as text.
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    let messages = client.simple_query(sql).await.map_err(|e| sqlstate(&e))?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Every value of every row of `accounts`, read around pgveil.
+async fn stored(ids: &str) -> String {
+    let direct = cluster().direct().await;
+    let rows = direct
+        .simple_query(&format!("SELECT row_to_json(a)::text FROM accounts a WHERE id IN ({ids})"))
+        .await
+        .expect("direct read");
+    rows.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn writes_store_ciphertext_and_each_role_reads_what_the_policy_allows() {
+    let proxy = proxy(&[("k1", KEY1)]);
+    let billing = proxy.connect("enc_billing").await;
+    // Simple protocol: literals.
+    billing
+        .simple_query(&format!(
+            "INSERT INTO accounts (id, name, id_card, phone, balance, opened, score) \
+             VALUES (1, 'Zhang', '{ID_CARD}', '{PHONE}', 1.50, '2024-02-29', -7), \
+                    (2, 'Li', '320102198805052345', NULL, '-0.25', DEFAULT, 42)"
+        ))
+        .await
+        .expect("simple insert");
+    // Extended protocol: parameters in binary (int4) and text.
+    billing
+        .execute(
+            "INSERT INTO accounts (id, name, id_card, phone, score) VALUES ($1, $2, $3, $4, $5)",
+            &[&3i32, &"Wang", &"440106197712123456", &"13900000003", &123i32],
+        )
+        .await
+        .expect("extended insert");
+    billing
+        .execute("UPDATE accounts SET phone = $1 WHERE id = $2", &[&"13900000004", &3i32])
+        .await
+        .expect("extended update");
+
+    // Around pgveil: ciphertext only.
+    let raw = stored("1, 2, 3").await;
+    for plaintext in [ID_CARD, PHONE, "1.5", "2024-02-29", "-7", "13900000004", "440106197712123456", "123"] {
+        assert!(!raw.contains(plaintext), "{plaintext} stored in plaintext: {raw}");
+    }
+    assert!(raw.contains("\"phone\":\"pgv1:"), "{raw}");
+    assert!(raw.contains("\"name\":\"Zhang\""), "{raw}");
+
+    // Through pgveil, text format.
+    let read = rows(&billing, "SELECT id_card, phone, balance, opened, score FROM accounts WHERE id = 1")
+        .await
+        .unwrap();
+    let expected: Vec<Option<String>> = [ID_CARD, PHONE, "1.5", "2024-02-29", "-7"]
+        .iter()
+        .map(|v| Some(v.to_string()))
+        .collect();
+    assert_eq!(read, vec![expected]);
+    let support = proxy.connect("enc_support").await;
+    let read = rows(&support, "SELECT id_card, phone, balance, score FROM accounts WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        vec![vec![
+            Some("110105********1234".into()),
+            Some("138****5678".into()),
+            None,
+            Some("-7".into())
+        ]]
+    );
+
+    // Extended protocol, binary results in the logical type.
+    let row = billing
+        .query_one("SELECT score, phone, id_card FROM accounts WHERE id = $1", &[&3i32])
+        .await
+        .expect("extended read");
+    assert_eq!(row.get::<_, i32>(0), 123);
+    assert_eq!(row.get::<_, &str>(1), "13900000004");
+    assert_eq!(row.get::<_, &str>(2), "440106197712123456");
+    // The client sees the logical types in RowDescription and ParameterDescription.
+    let statement = billing
+        .prepare("SELECT score, opened FROM accounts WHERE id_card = $1")
+        .await
+        .expect("prepare");
+    assert_eq!(statement.columns()[0].type_(), &tokio_postgres::types::Type::INT4);
+    assert_eq!(statement.columns()[1].type_(), &tokio_postgres::types::Type::DATE);
+    assert_eq!(statement.params(), &[tokio_postgres::types::Type::TEXT]);
+    // A value that is not of the column's type is refused like PostgreSQL would.
+    let error = billing
+        .simple_query("INSERT INTO accounts (id, score) VALUES (9, 'many')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "22P02");
+    let error = billing
+        .simple_query("INSERT INTO accounts (id, opened) VALUES (9, 'yesterday')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "22007");
+    assert!(rows(&billing, "SELECT id FROM accounts WHERE id = 9").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deterministic_columns_answer_equality_and_the_rest_is_refused() {
+    let proxy = proxy(&[("k1", KEY1)]);
+    let billing = proxy.connect("enc_billing").await;
+    billing
+        .simple_query(
+            "INSERT INTO accounts (id, id_card, phone, balance) VALUES \
+             (101, 'D-1', '139-1', '10'), (102, 'D-2', '139-2', '20'), (103, 'D-1', '139-3', '10.00')",
+        )
+        .await
+        .expect("insert");
+    let ids = |rows: Vec<Vec<Option<String>>>| -> Vec<String> {
+        rows.into_iter().map(|r| r[0].clone().unwrap_or_default()).collect()
+    };
+    let found = rows(&billing, "SELECT id FROM accounts WHERE id_card = 'D-1' ORDER BY id").await.unwrap();
+    assert_eq!(ids(found), ["101", "103"]);
+    let found = rows(&billing, "SELECT id FROM accounts WHERE id_card IN ('D-2', 'nope') AND id > 100").await.unwrap();
+    assert_eq!(ids(found), ["102"]);
+    // Canonical values: 10 and 10.00 are one numeric value.
+    let found = rows(&billing, "SELECT id FROM accounts WHERE balance = 10.0 ORDER BY id").await.unwrap();
+    assert_eq!(ids(found), ["101", "103"]);
+    let found = billing
+        .query("SELECT id FROM accounts WHERE id_card = $1 ORDER BY id", &[&"D-1"])
+        .await
+        .expect("extended lookup");
+    assert_eq!(found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [101, 103]);
+    let found = rows(
+        &billing,
+        "SELECT a.id, b.id FROM accounts a JOIN accounts b ON a.id_card = b.id_card WHERE a.id = 101 AND b.id <> a.id",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(found), ["101"]);
+    let deleted = billing
+        .execute("DELETE FROM accounts WHERE id_card = $1 AND id = 103", &[&"D-1"])
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+
+    for (sql, state) in [
+        ("SELECT id FROM accounts WHERE phone = '139-1'", "0A000"),
+        ("SELECT id FROM accounts ORDER BY phone", "0A000"),
+        ("SELECT id FROM accounts WHERE balance > 5", "0A000"),
+        ("SELECT id FROM accounts WHERE id_card LIKE 'D%'", "0A000"),
+        ("SELECT upper(id_card) FROM accounts", "0A000"),
+        ("SELECT sum(score::int) FROM accounts", "0A000"),
+        ("INSERT INTO accounts (id, phone) SELECT 200, phone FROM accounts WHERE id = 101", "42501"),
+        ("UPDATE accounts SET phone = phone || '0' WHERE id = 101", "42501"),
+        ("SELECT FROM accounts WHERE (", "42501"),
+    ] {
+        let error = billing.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&error), state, "{sql}: {error}");
+        let db = error.as_db_error().expect("server error");
+        assert!(db.message().starts_with("pgveil:"), "{sql}: {}", db.message());
+        assert!(!db.message().contains("139-1"), "{sql}");
+    }
+    // Extended protocol refusals keep the session usable.
+    let error = billing
+        .query("SELECT id FROM accounts WHERE phone = $1", &[&"139-1"])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "0A000");
+    let error = billing
+        .execute("INSERT INTO accounts (id, score) VALUES ($1, $2)", &[&300i32, &"x"])
+        .await
+        .unwrap_err();
+    assert!(["22P02", "XX000"].contains(&sqlstate(&error).as_str()) || error.as_db_error().is_none());
+    let still = rows(&billing, "SELECT count(*) FROM accounts WHERE id = 101").await.unwrap();
+    assert_eq!(still, vec![vec![Some("1".into())]]);
+    let raw = stored("101, 102").await;
+    assert!(!raw.contains("139-1") && !raw.contains("D-1"), "{raw}");
+}
+
+#[tokio::test]
+async fn tampered_or_moved_ciphertext_is_an_error_and_rotated_keys_still_read() {
+    let old = proxy(&[("k1", KEY1)]);
+    let client = old.connect("enc_billing").await;
+    client
+        .simple_query("INSERT INTO accounts (id, id_card, phone, score) VALUES (501, 'R-1', '137-1', '5'), (502, 'R-2', '137-2', '6')")
+        .await
+        .expect("insert");
+    let direct = cluster().direct().await;
+    // A ciphertext moved into another column does not decrypt there.
+    direct
+        .simple_query("UPDATE accounts SET id_card = phone WHERE id = 502")
+        .await
+        .expect("move");
+    let error = client
+        .simple_query("SELECT id_card FROM accounts WHERE id = 502")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "XX001", "{error}");
+    // One altered character.
+    direct
+        .simple_query("UPDATE accounts SET phone = overlay(phone placing (CASE WHEN substr(phone, 20, 1) = 'A' THEN 'B' ELSE 'A' END) from 20 for 1) WHERE id = 501")
+        .await
+        .expect("tamper");
+    let error = client
+        .simple_query("SELECT phone FROM accounts WHERE id = 501")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "XX001");
+    // Plaintext written around pgveil is refused, not shown.
+    direct
+        .simple_query("INSERT INTO accounts (id, phone) VALUES (503, 'plain')")
+        .await
+        .expect("plaintext");
+    let error = client
+        .simple_query("SELECT phone FROM accounts WHERE id = 503")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "XX001");
+    assert!(!error.to_string().contains("plain'"));
+
+    // Rotation: k2 active, k1 kept for reading.
+    let rotated = proxy(&[("k1", KEY1), ("k2", KEY2)]);
+    let client = rotated.connect("enc_billing").await;
+    client
+        .simple_query("INSERT INTO accounts (id, id_card, score) VALUES (504, 'R-1', '8')")
+        .await
+        .expect("insert under k2");
+    let read = rows(&client, "SELECT score FROM accounts WHERE id IN (501, 504) ORDER BY id").await.unwrap();
+    assert_eq!(read, vec![vec![Some("5".into())], vec![Some("8".into())]]);
+    // Equality finds rows under both keys, literal and parameter alike.
+    let found = rows(&client, "SELECT id FROM accounts WHERE id_card = 'R-1' ORDER BY id").await.unwrap();
+    assert_eq!(found, vec![vec![Some("501".into())], vec![Some("504".into())]]);
+    let found = client
+        .query("SELECT id FROM accounts WHERE id_card = $1 ORDER BY id", &[&"R-1"])
+        .await
+        .expect("extended lookup across keys");
+    assert_eq!(found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [501, 504]);
+    // New rows name the new key.
+    let stored_id_card: String = direct
+        .query_one("SELECT id_card FROM accounts WHERE id = 504", &[])
+        .await
+        .expect("direct")
+        .get(0);
+    let envelope = pgveil::protect::envelope::from_text(stored_id_card.as_bytes()).expect("envelope");
+    assert_eq!(pgveil::protect::envelope::key_id(&envelope), Some("k2"));
+    // A keyring without k1 cannot read the old rows.
+    let forgetful = proxy(&[("k2", KEY2)]);
+    let client = forgetful.connect("enc_billing").await;
+    let error = client
+        .simple_query("SELECT score FROM accounts WHERE id = 501")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "XX001");
+}
