@@ -290,7 +290,9 @@ impl Keyring {
     /// The keyring as YAML in SPEC.md's shape (`active:` then `keys:`, standard base64
     /// with padding). It holds the keys: it is wiped when dropped.
     pub fn to_yaml(&self) -> Zeroizing<String> {
-        let mut text = Zeroizing::new(String::new());
+        // Room for everything up front: a growing String would leave copies of the keys
+        // in the buffers it frees. Ids are at most 64 bytes (66 quoted), keys 44.
+        let mut text = Zeroizing::new(String::with_capacity(256 + 128 * self.keys.len()));
         text.push_str(
             "# pgveil keyring: keep it secret. Older keys stay to read values encrypted under them.\n",
         );
@@ -350,12 +352,18 @@ impl Keyring {
             .and_then(|()| file.sync_all())
             .map_err(|error| fail(error.to_string()))?;
         match mode {
+            // A link fails when the name exists, where a rename would replace it.
             WriteMode::CreateNew => match std::fs::hard_link(&temporary.path, &target) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
                     return Err(KeyringError::Exists { source_name });
                 }
-                Err(error) => return Err(fail(error.to_string())),
+                // File systems without hard links: check, then rename.
+                Err(_) if target.symlink_metadata().is_ok() => {
+                    return Err(KeyringError::Exists { source_name });
+                }
+                Err(_) => std::fs::rename(&temporary.path, &target)
+                    .map_err(|error| fail(error.to_string()))?,
             },
             WriteMode::Replace => std::fs::rename(&temporary.path, &target)
                 .map_err(|error| fail(error.to_string()))?,
@@ -572,6 +580,16 @@ mod tests {
         assert!(keyring.contains("123") && keyring.contains("true") && keyring.contains("k03"));
         assert_eq!(keyring.active_id(), "k8");
         assert_eq!(keyring.rotate().unwrap(), "k9");
+        // The YAML fits the room set aside for it, even with the longest quoted ids.
+        let long = ["0", "1", "2"].map(|first| format!("{first}{}", "-".repeat(63)));
+        let text = format!(
+            "active: \"{}\"\nkeys:\n  \"{}\": {KEY}\n  \"{}\": {KEY}\n  \"{}\": {KEY}\n",
+            long[0], long[0], long[1], long[2]
+        );
+        let keyring = Keyring::parse(&text, "k.yaml").unwrap();
+        let yaml = keyring.to_yaml();
+        assert!(yaml.len() <= 256 + 128 * 3, "{}", yaml.len());
+        assert_eq!(Keyring::parse(&yaml, "k.yaml").unwrap().key_ids(), long);
         let text = format!("active: a\nkeys:\n  a: {KEY}\n  b: {KEY}\n  c: {KEY}\n");
         let mut keyring = Keyring::parse(&text, "k.yaml").unwrap();
         assert_eq!(keyring.rotate().unwrap(), "k4");
