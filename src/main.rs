@@ -49,9 +49,46 @@ enum Command {
     /// Check a policy file, or show what it gives one role.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Create a keyring of encryption keys, or rotate its active key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new keyring with one fresh random key, k1, active.
+    ///
+    /// The file is created with mode 0600 and holds the keys in plain base64: keep it out of version control
+    /// and backups of the database, and keep a safe copy: data encrypted under a lost key
+    /// cannot be read by anyone.
+    #[command(
+        after_help = "Example:\n  pgveil keys generate --out /etc/pgveil/keyring.yaml\n\nThen set `keyring: /etc/pgveil/keyring.yaml` in the pgveil config (or put the file's\ncontents in PGVEIL_KEYRING)."
+    )]
+    Generate {
+        /// Where to write the keyring (YAML). It must not exist yet, unless --force.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace an existing file. Its keys are gone for good, and so is every value
+        /// encrypted under them.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a fresh random key to a keyring and make it active; older keys stay for reading.
+    ///
+    /// The new key gets the next free id (k2, k3, ...). The older keys stay, so values encrypted under them still decrypt;
+    /// `pgveil reencrypt` moves stored values to the new key. The file is replaced in one
+    /// step (mode 0600, same owner); comments in it are not kept.
+    #[command(
+        after_help = "Example:\n  pgveil keys rotate --keyring /etc/pgveil/keyring.yaml\n\nEvery pgveil using the keyring encrypts with the new key once it has loaded the file\nagain (restart it); until then it keeps the old active key. Rotating also changes\nthe output of the `hash` mask, which is keyed from the active key."
+    )]
+    Rotate {
+        /// The keyring file to rotate (PGVEIL_KEYRING is not used here).
+        #[arg(long, value_name = "FILE")]
+        keyring: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +180,8 @@ fn main() -> ExitCode {
             database,
         }) => policy_check(&file, config.as_deref(), database),
         Command::Policy(PolicyCommand::Explain { file, role }) => policy_explain(&file, &role),
+        Command::Keys(KeysCommand::Generate { out, force }) => keys_generate(&out, force),
+        Command::Keys(KeysCommand::Rotate { keyring }) => keys_rotate(&keyring),
         Command::Audit(AuditCommand::Verify { files, partial }) => audit_verify(&files, partial),
     };
     match result {
@@ -211,6 +250,44 @@ fn load_config(args: &RunArgs) -> Result<Config> {
 fn run(args: RunArgs) -> Result<()> {
     let config = load_config(&args)?;
     pgveil::server::run(config)?;
+    Ok(())
+}
+
+fn keys_generate(out: &std::path::Path, force: bool) -> Result<()> {
+    use pgveil::protect::keyring::{Keyring, KeyringError, WriteMode};
+    let keyring = Keyring::generate()?;
+    let mode = if force {
+        WriteMode::Replace
+    } else {
+        WriteMode::CreateNew
+    };
+    match keyring.write_file(out, mode) {
+        Ok(()) => {}
+        Err(error @ KeyringError::Exists { .. }) => {
+            bail!("{error}; pass --force to replace it")
+        }
+        Err(error) => return Err(error.into()),
+    }
+    println!(
+        "{}: new keyring written (mode 0600); active key {}",
+        out.display(),
+        keyring.active_id()
+    );
+    Ok(())
+}
+
+fn keys_rotate(path: &std::path::Path) -> Result<()> {
+    use pgveil::protect::keyring::{Keyring, WriteMode};
+    let mut keyring = Keyring::load(path)?;
+    let old_ids: Vec<String> = keyring.key_ids().iter().map(|id| id.to_string()).collect();
+    let new_id = keyring.rotate()?;
+    keyring.write_file(path, WriteMode::Replace)?;
+    println!(
+        "{}: key {new_id} added and active; the older keys ({}) stay for reading values \
+         encrypted under them, and `pgveil reencrypt` moves stored values to {new_id}",
+        path.display(),
+        old_ids.join(", ")
+    );
     Ok(())
 }
 

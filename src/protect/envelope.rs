@@ -18,7 +18,7 @@ use sha2::Sha256;
 use thiserror::Error;
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::keyring::{key_id_problem, Keyring, MAX_KEY_ID_LEN};
+use super::keyring::{is_key_id, Keyring, MAX_KEY_ID_LEN};
 
 /// Byte 0 of every envelope.
 pub const FORMAT_VERSION: u8 = 1;
@@ -192,8 +192,8 @@ fn parse_header(bytes: &[u8]) -> Result<Header<'_>, DecryptError> {
     }
     let key_id = rest
         .get(..id_len)
+        .filter(|id| is_key_id(id))
         .and_then(|id| std::str::from_utf8(id).ok())
-        .filter(|id| key_id_problem(id).is_none())
         .ok_or(DecryptError::NotAnEnvelope)?;
     if *version != FORMAT_VERSION {
         return Err(DecryptError::UnsupportedVersion(*version));

@@ -95,24 +95,46 @@ pub(crate) fn fill_random(buffer: &mut [u8]) -> Result<(), KeyringError> {
     getrandom::getrandom(buffer).map_err(|error| KeyringError::Random(error.to_string()))
 }
 
-/// Why `id` cannot be a key id, or `None` when it can: `[A-Za-z0-9_-]{1,64}`.
+/// Whether `id` is a key id: `[A-Za-z0-9_-]{1,64}`.
+pub fn is_key_id(id: &[u8]) -> bool {
+    (1..=MAX_KEY_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+/// Why `id` cannot be a key id (`[A-Za-z0-9_-]{1,64}`), or `None` when it can. The
+/// message does not repeat an invalid id: it may be a key pasted in the wrong place.
 pub fn key_id_problem(id: &str) -> Option<String> {
+    if is_key_id(id.as_bytes()) {
+        return None;
+    }
     if id.is_empty() {
         return Some("a key id cannot be empty".to_string());
     }
+    let looks_like_a_key = base64::engine::general_purpose::STANDARD
+        .decode(id)
+        .is_ok_and(|bytes| bytes.len() == 32);
+    let hint = if looks_like_a_key {
+        " (it looks like a key: is a key where its id should be?)"
+    } else {
+        ""
+    };
     if id.len() > MAX_KEY_ID_LEN {
         return Some(format!(
-            "key id {:?}… is {} bytes long; at most {MAX_KEY_ID_LEN} are allowed",
-            id.chars().take(16).collect::<String>(),
+            "a key id is {} bytes long; at most {MAX_KEY_ID_LEN} are allowed{hint}",
             id.len()
         ));
     }
-    if let Some(bad) = id
+    if let Some((at, bad)) = id
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
     {
         return Some(format!(
-            "key id {id:?} contains {bad:?}; ids may use only letters A-Z a-z, digits, '_' and '-'"
+            "a key id contains {bad:?} (character {}); ids may use only letters A-Z a-z, \
+             digits, '_' and '-'{hint}",
+            at + 1
         ));
     }
     None
@@ -268,7 +290,9 @@ impl Keyring {
     /// The keyring as YAML in SPEC.md's shape (`active:` then `keys:`, standard base64
     /// with padding). It holds the keys: it is wiped when dropped.
     pub fn to_yaml(&self) -> Zeroizing<String> {
-        let mut text = Zeroizing::new(String::new());
+        // Room for everything up front: a growing String would leave copies of the keys
+        // in the buffers it frees. Ids are at most 64 bytes (66 quoted), keys 44.
+        let mut text = Zeroizing::new(String::with_capacity(256 + 128 * self.keys.len()));
         text.push_str(
             "# pgveil keyring: keep it secret. Older keys stay to read values encrypted under them.\n",
         );
@@ -328,12 +352,18 @@ impl Keyring {
             .and_then(|()| file.sync_all())
             .map_err(|error| fail(error.to_string()))?;
         match mode {
+            // A link fails when the name exists, where a rename would replace it.
             WriteMode::CreateNew => match std::fs::hard_link(&temporary.path, &target) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
                     return Err(KeyringError::Exists { source_name });
                 }
-                Err(error) => return Err(fail(error.to_string())),
+                // File systems without hard links: check, then rename.
+                Err(_) if target.symlink_metadata().is_ok() => {
+                    return Err(KeyringError::Exists { source_name });
+                }
+                Err(_) => std::fs::rename(&temporary.path, &target)
+                    .map_err(|error| fail(error.to_string()))?,
             },
             WriteMode::Replace => std::fs::rename(&temporary.path, &target)
                 .map_err(|error| fail(error.to_string()))?,
@@ -466,6 +496,24 @@ mod tests {
     }
 
     #[test]
+    fn parse_errors_never_show_key_material() {
+        for text in [
+            "active: k1\nkeys: SECRETKEY\n",
+            "active: k1\nkeys:\n  - SECRETKEY\n",
+            "active: k1\nkeys:\n  k1: [SECRETKEY\n",
+            "active: k1\nkeys:\n  k1:\n    x: SECRETKEY\n",
+            "active: k1\nkeys:\n  k1: SECRETKEY\n  k1: SECRETKEY\n",
+            "active: k1\nkeys:\n  k1: SECRETKEY\nother: SECRETKEY\n",
+            "active: k1\nkeys:\n  k1: SECRETKEY\n",
+            "SECRETKEY",
+        ] {
+            let error = Keyring::parse(text, "k.yaml").unwrap_err().to_string();
+            assert!(error.starts_with("k.yaml:"), "{error}");
+            assert!(!error.contains("SECRETKEY"), "{error}");
+        }
+    }
+
+    #[test]
     fn key_ids_are_short_and_plain() {
         for good in ["k1", "A", "2024-q1_main", &"x".repeat(64)] {
             assert_eq!(key_id_problem(good), None, "{good}");
@@ -475,12 +523,21 @@ mod tests {
         }
         let text = format!("active: 'k.1'\nkeys:\n  'k.1': {KEY}\n");
         let error = Keyring::parse(&text, "k.yaml").unwrap_err().to_string();
-        assert!(error.contains("\"k.1\" contains '.'"), "{error}");
-        assert!(!error.contains(KEY));
+        assert!(error.contains("contains '.' (character 2)"), "{error}");
         let long = "y".repeat(65);
         let text = format!("active: {long}\nkeys:\n  {long}: {KEY}\n");
         let error = Keyring::parse(&text, "k.yaml").unwrap_err().to_string();
         assert!(error.contains("65 bytes long"), "{error}");
+        assert!(!error.contains(&long), "{error}");
+        // A key where the id should be is not repeated.
+        for text in [
+            format!("active: {KEY}\nkeys:\n  k1: {KEY}\n"),
+            format!("active: k1\nkeys:\n  k1: {KEY}\n  {KEY}: {KEY}\n"),
+        ] {
+            let error = Keyring::parse(&text, "k.yaml").unwrap_err().to_string();
+            assert!(error.contains("looks like a key"), "{error}");
+            assert!(!error.contains(&KEY[..8]), "{error}");
+        }
     }
 
     #[test]
@@ -523,6 +580,16 @@ mod tests {
         assert!(keyring.contains("123") && keyring.contains("true") && keyring.contains("k03"));
         assert_eq!(keyring.active_id(), "k8");
         assert_eq!(keyring.rotate().unwrap(), "k9");
+        // The YAML fits the room set aside for it, even with the longest quoted ids.
+        let long = ["0", "1", "2"].map(|first| format!("{first}{}", "-".repeat(63)));
+        let text = format!(
+            "active: \"{}\"\nkeys:\n  \"{}\": {KEY}\n  \"{}\": {KEY}\n  \"{}\": {KEY}\n",
+            long[0], long[0], long[1], long[2]
+        );
+        let keyring = Keyring::parse(&text, "k.yaml").unwrap();
+        let yaml = keyring.to_yaml();
+        assert!(yaml.len() <= 256 + 128 * 3, "{}", yaml.len());
+        assert_eq!(Keyring::parse(&yaml, "k.yaml").unwrap().key_ids(), long);
         let text = format!("active: a\nkeys:\n  a: {KEY}\n  b: {KEY}\n  c: {KEY}\n");
         let mut keyring = Keyring::parse(&text, "k.yaml").unwrap();
         assert_eq!(keyring.rotate().unwrap(), "k4");
