@@ -72,7 +72,10 @@ fn proxy(keys: &[(&str, &str)]) -> Proxy {
 }
 
 /// Rows of a simple query, every value as text.
-async fn rows(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+async fn rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
     let messages = client.simple_query(sql).await.map_err(|e| sqlstate(&e))?;
     Ok(messages
         .iter()
@@ -91,7 +94,9 @@ async fn rows(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<Opti
 async fn stored(ids: &str) -> String {
     let direct = cluster().direct().await;
     let rows = direct
-        .simple_query(&format!("SELECT row_to_json(a)::text FROM accounts a WHERE id IN ({ids})"))
+        .simple_query(&format!(
+            "SELECT row_to_json(a)::text FROM accounts a WHERE id IN ({ids})"
+        ))
         .await
         .expect("direct read");
     rows.iter()
@@ -120,36 +125,63 @@ async fn writes_store_ciphertext_and_each_role_reads_what_the_policy_allows() {
     billing
         .execute(
             "INSERT INTO accounts (id, name, id_card, phone, score) VALUES ($1, $2, $3, $4, $5)",
-            &[&3i32, &"Wang", &"440106197712123456", &"13900000003", &123i32],
+            &[
+                &3i32,
+                &"Wang",
+                &"440106197712123456",
+                &"13900000003",
+                &123i32,
+            ],
         )
         .await
         .expect("extended insert");
     billing
-        .execute("UPDATE accounts SET phone = $1 WHERE id = $2", &[&"13900000004", &3i32])
+        .execute(
+            "UPDATE accounts SET phone = $1 WHERE id = $2",
+            &[&"13900000004", &3i32],
+        )
         .await
         .expect("extended update");
 
     // Around pgveil: ciphertext only.
     let raw = stored("1, 2, 3").await;
-    for plaintext in [ID_CARD, PHONE, "1.5", "2024-02-29", "-7", "13900000004", "440106197712123456", "123"] {
-        assert!(!raw.contains(plaintext), "{plaintext} stored in plaintext: {raw}");
+    for plaintext in [
+        ID_CARD,
+        PHONE,
+        "1.5",
+        "2024-02-29",
+        "-7",
+        "13900000004",
+        "440106197712123456",
+        "123",
+    ] {
+        assert!(
+            !raw.contains(plaintext),
+            "{plaintext} stored in plaintext: {raw}"
+        );
     }
     assert!(raw.contains("\"phone\":\"pgv1:"), "{raw}");
     assert!(raw.contains("\"name\":\"Zhang\""), "{raw}");
 
     // Through pgveil, text format.
-    let read = rows(&billing, "SELECT id_card, phone, balance, opened, score FROM accounts WHERE id = 1")
-        .await
-        .unwrap();
+    let read = rows(
+        &billing,
+        "SELECT id_card, phone, balance, opened, score FROM accounts WHERE id = 1",
+    )
+    .await
+    .unwrap();
     let expected: Vec<Option<String>> = [ID_CARD, PHONE, "1.5", "2024-02-29", "-7"]
         .iter()
         .map(|v| Some(v.to_string()))
         .collect();
     assert_eq!(read, vec![expected]);
     let support = proxy.connect("enc_support").await;
-    let read = rows(&support, "SELECT id_card, phone, balance, score FROM accounts WHERE id = 1")
-        .await
-        .unwrap();
+    let read = rows(
+        &support,
+        "SELECT id_card, phone, balance, score FROM accounts WHERE id = 1",
+    )
+    .await
+    .unwrap();
     assert_eq!(
         read,
         vec![vec![
@@ -162,7 +194,10 @@ async fn writes_store_ciphertext_and_each_role_reads_what_the_policy_allows() {
 
     // Extended protocol, binary results in the logical type.
     let row = billing
-        .query_one("SELECT score, phone, id_card FROM accounts WHERE id = $1", &[&3i32])
+        .query_one(
+            "SELECT score, phone, id_card FROM accounts WHERE id = $1",
+            &[&3i32],
+        )
         .await
         .expect("extended read");
     assert_eq!(row.get::<_, i32>(0), 123);
@@ -173,8 +208,14 @@ async fn writes_store_ciphertext_and_each_role_reads_what_the_policy_allows() {
         .prepare("SELECT score, opened FROM accounts WHERE id_card = $1")
         .await
         .expect("prepare");
-    assert_eq!(statement.columns()[0].type_(), &tokio_postgres::types::Type::INT4);
-    assert_eq!(statement.columns()[1].type_(), &tokio_postgres::types::Type::DATE);
+    assert_eq!(
+        statement.columns()[0].type_(),
+        &tokio_postgres::types::Type::INT4
+    );
+    assert_eq!(
+        statement.columns()[1].type_(),
+        &tokio_postgres::types::Type::DATE
+    );
     assert_eq!(statement.params(), &[tokio_postgres::types::Type::TEXT]);
     // A value that is not of the column's type is refused like PostgreSQL would.
     let error = billing
@@ -187,7 +228,10 @@ async fn writes_store_ciphertext_and_each_role_reads_what_the_policy_allows() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&error), "22007");
-    assert!(rows(&billing, "SELECT id FROM accounts WHERE id = 9").await.unwrap().is_empty());
+    assert!(rows(&billing, "SELECT id FROM accounts WHERE id = 9")
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -202,20 +246,43 @@ async fn deterministic_columns_answer_equality_and_the_rest_is_refused() {
         .await
         .expect("insert");
     let ids = |rows: Vec<Vec<Option<String>>>| -> Vec<String> {
-        rows.into_iter().map(|r| r[0].clone().unwrap_or_default()).collect()
+        rows.into_iter()
+            .map(|r| r[0].clone().unwrap_or_default())
+            .collect()
     };
-    let found = rows(&billing, "SELECT id FROM accounts WHERE id_card = 'D-1' ORDER BY id").await.unwrap();
+    let found = rows(
+        &billing,
+        "SELECT id FROM accounts WHERE id_card = 'D-1' ORDER BY id",
+    )
+    .await
+    .unwrap();
     assert_eq!(ids(found), ["101", "103"]);
-    let found = rows(&billing, "SELECT id FROM accounts WHERE id_card IN ('D-2', 'nope') AND id > 100").await.unwrap();
+    let found = rows(
+        &billing,
+        "SELECT id FROM accounts WHERE id_card IN ('D-2', 'nope') AND id > 100",
+    )
+    .await
+    .unwrap();
     assert_eq!(ids(found), ["102"]);
     // Canonical values: 10 and 10.00 are one numeric value.
-    let found = rows(&billing, "SELECT id FROM accounts WHERE balance = 10.0 ORDER BY id").await.unwrap();
+    let found = rows(
+        &billing,
+        "SELECT id FROM accounts WHERE balance = 10.0 ORDER BY id",
+    )
+    .await
+    .unwrap();
     assert_eq!(ids(found), ["101", "103"]);
     let found = billing
-        .query("SELECT id FROM accounts WHERE id_card = $1 ORDER BY id", &[&"D-1"])
+        .query(
+            "SELECT id FROM accounts WHERE id_card = $1 ORDER BY id",
+            &[&"D-1"],
+        )
         .await
         .expect("extended lookup");
-    assert_eq!(found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [101, 103]);
+    assert_eq!(
+        found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(),
+        [101, 103]
+    );
     let found = rows(
         &billing,
         "SELECT a.id, b.id FROM accounts a JOIN accounts b ON a.id_card = b.id_card WHERE a.id = 101 AND b.id <> a.id",
@@ -224,7 +291,10 @@ async fn deterministic_columns_answer_equality_and_the_rest_is_refused() {
     .unwrap();
     assert_eq!(ids(found), ["101"]);
     let deleted = billing
-        .execute("DELETE FROM accounts WHERE id_card = $1 AND id = 103", &[&"D-1"])
+        .execute(
+            "DELETE FROM accounts WHERE id_card = $1 AND id = 103",
+            &[&"D-1"],
+        )
         .await
         .expect("delete");
     assert_eq!(deleted, 1);
@@ -236,14 +306,24 @@ async fn deterministic_columns_answer_equality_and_the_rest_is_refused() {
         ("SELECT id FROM accounts WHERE id_card LIKE 'D%'", "0A000"),
         ("SELECT upper(id_card) FROM accounts", "0A000"),
         ("SELECT sum(score::int) FROM accounts", "0A000"),
-        ("INSERT INTO accounts (id, phone) SELECT 200, phone FROM accounts WHERE id = 101", "42501"),
-        ("UPDATE accounts SET phone = phone || '0' WHERE id = 101", "42501"),
+        (
+            "INSERT INTO accounts (id, phone) SELECT 200, phone FROM accounts WHERE id = 101",
+            "42501",
+        ),
+        (
+            "UPDATE accounts SET phone = phone || '0' WHERE id = 101",
+            "42501",
+        ),
         ("SELECT FROM accounts WHERE (", "42501"),
     ] {
         let error = billing.simple_query(sql).await.expect_err(sql);
         assert_eq!(sqlstate(&error), state, "{sql}: {error}");
         let db = error.as_db_error().expect("server error");
-        assert!(db.message().starts_with("pgveil:"), "{sql}: {}", db.message());
+        assert!(
+            db.message().starts_with("pgveil:"),
+            "{sql}: {}",
+            db.message()
+        );
         assert!(!db.message().contains("139-1"), "{sql}");
     }
     // Extended protocol refusals keep the session usable.
@@ -253,11 +333,18 @@ async fn deterministic_columns_answer_equality_and_the_rest_is_refused() {
         .unwrap_err();
     assert_eq!(sqlstate(&error), "0A000");
     let error = billing
-        .execute("INSERT INTO accounts (id, score) VALUES ($1, $2)", &[&300i32, &"x"])
+        .execute(
+            "INSERT INTO accounts (id, score) VALUES ($1, $2)",
+            &[&300i32, &"x"],
+        )
         .await
         .unwrap_err();
-    assert!(["22P02", "XX000"].contains(&sqlstate(&error).as_str()) || error.as_db_error().is_none());
-    let still = rows(&billing, "SELECT count(*) FROM accounts WHERE id = 101").await.unwrap();
+    assert!(
+        ["22P02", "XX000"].contains(&sqlstate(&error).as_str()) || error.as_db_error().is_none()
+    );
+    let still = rows(&billing, "SELECT count(*) FROM accounts WHERE id = 101")
+        .await
+        .unwrap();
     assert_eq!(still, vec![vec![Some("1".into())]]);
     let raw = stored("101, 102").await;
     assert!(!raw.contains("139-1") && !raw.contains("D-1"), "{raw}");
@@ -311,23 +398,43 @@ async fn tampered_or_moved_ciphertext_is_an_error_and_rotated_keys_still_read() 
         .simple_query("INSERT INTO accounts (id, id_card, score) VALUES (504, 'R-1', '8')")
         .await
         .expect("insert under k2");
-    let read = rows(&client, "SELECT score FROM accounts WHERE id IN (501, 504) ORDER BY id").await.unwrap();
+    let read = rows(
+        &client,
+        "SELECT score FROM accounts WHERE id IN (501, 504) ORDER BY id",
+    )
+    .await
+    .unwrap();
     assert_eq!(read, vec![vec![Some("5".into())], vec![Some("8".into())]]);
     // Equality finds rows under both keys, literal and parameter alike.
-    let found = rows(&client, "SELECT id FROM accounts WHERE id_card = 'R-1' ORDER BY id").await.unwrap();
-    assert_eq!(found, vec![vec![Some("501".into())], vec![Some("504".into())]]);
+    let found = rows(
+        &client,
+        "SELECT id FROM accounts WHERE id_card = 'R-1' ORDER BY id",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        found,
+        vec![vec![Some("501".into())], vec![Some("504".into())]]
+    );
     let found = client
-        .query("SELECT id FROM accounts WHERE id_card = $1 ORDER BY id", &[&"R-1"])
+        .query(
+            "SELECT id FROM accounts WHERE id_card = $1 ORDER BY id",
+            &[&"R-1"],
+        )
         .await
         .expect("extended lookup across keys");
-    assert_eq!(found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [501, 504]);
+    assert_eq!(
+        found.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(),
+        [501, 504]
+    );
     // New rows name the new key.
     let stored_id_card: String = direct
         .query_one("SELECT id_card FROM accounts WHERE id = 504", &[])
         .await
         .expect("direct")
         .get(0);
-    let envelope = pgveil::protect::envelope::from_text(stored_id_card.as_bytes()).expect("envelope");
+    let envelope =
+        pgveil::protect::envelope::from_text(stored_id_card.as_bytes()).expect("envelope");
     assert_eq!(pgveil::protect::envelope::key_id(&envelope), Some("k2"));
     // A keyring without k1 cannot read the old rows.
     let forgetful = proxy(&[("k2", KEY2)]);

@@ -43,7 +43,9 @@ impl ColumnCrypto {
 
     /// The envelope of a canonical value under the active key.
     pub fn seal(&self, canonical: &[u8]) -> Result<Vec<u8>, EncryptError> {
-        crate::observe::metrics::metrics().encrypted_values_total.inc();
+        crate::observe::metrics::metrics()
+            .encrypted_values_total
+            .inc();
         self.cipher.encrypt(canonical)
     }
 
@@ -104,7 +106,9 @@ impl ColumnCrypto {
             envelope::from_text(stored).ok_or(DecryptError::NotAnEnvelope)?
         };
         let plaintext = self.cipher.decrypt(&envelope)?;
-        crate::observe::metrics::metrics().decrypted_values_total.inc();
+        crate::observe::metrics::metrics()
+            .decrypted_values_total
+            .inc();
         Ok(plaintext)
     }
 
@@ -174,10 +178,14 @@ impl Ciphers {
                     "bytea" => true,
                     "text" => false,
                     s if s.starts_with("character varying") => false,
-                    _ => return Err("its type cannot hold ciphertext: run `pgveil encrypt`, which widens it"),
+                    _ => return Err(
+                        "its type cannot hold ciphertext: run `pgveil encrypt`, which widens it",
+                    ),
                 };
                 let logical = match &column.logical_type {
-                    Some(name) => LogicalType::from_name(name).ok_or("its `type` is not supported")?,
+                    Some(name) => {
+                        LogicalType::from_name(name).ok_or("its `type` is not supported")?
+                    }
                     None => LogicalType::from_name(stored).unwrap_or(if bytea {
                         LogicalType::Bytea
                     } else {

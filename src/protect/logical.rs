@@ -239,7 +239,10 @@ fn numeric_overflow() -> ValueError {
 }
 
 fn field_out_of_range() -> ValueError {
-    ValueError::new(DATETIME_FIELD_OVERFLOW, "date/time field value out of range")
+    ValueError::new(
+        DATETIME_FIELD_OVERFLOW,
+        "date/time field value out of range",
+    )
 }
 
 fn date_out_of_range() -> ValueError {
@@ -364,8 +367,14 @@ fn is_space(byte: u8) -> bool {
 }
 
 fn trim_space(text: &[u8]) -> &[u8] {
-    let start = text.iter().position(|&b| !is_space(b)).unwrap_or(text.len());
-    let end = text.iter().rposition(|&b| !is_space(b)).map_or(start, |at| at + 1);
+    let start = text
+        .iter()
+        .position(|&b| !is_space(b))
+        .unwrap_or(text.len());
+    let end = text
+        .iter()
+        .rposition(|&b| !is_space(b))
+        .map_or(start, |at| at + 1);
     text.get(start..end).unwrap_or_default()
 }
 
@@ -499,7 +508,10 @@ fn parse_numeric(text: &[u8]) -> Result<Numeric, ValueError> {
     };
     let trailing_zeros = all().rev().take_while(|&d| d == b'0').count();
     let total = integer.len() + fraction.len();
-    let digits: Vec<u8> = all().skip(first).take(total - first - trailing_zeros).collect();
+    let digits: Vec<u8> = all()
+        .skip(first)
+        .take(total - first - trailing_zeros)
+        .collect();
     let exponent = exponent - fraction_len + i64::try_from(trailing_zeros).unwrap_or(i64::MAX);
     let digits_len = i64::try_from(digits.len()).map_err(|_| numeric_overflow())?;
     if digits_len + exponent > NUMERIC_MAX_INTEGER_DIGITS {
@@ -817,8 +829,7 @@ fn parse_timestamp(ty: LogicalType, text: &[u8]) -> Result<i64, ValueError> {
     let zone = trim_space(rest);
     let offset = if zone.is_empty() {
         None
-    } else if rest.len() == zone.len() && !matches!(zone.first(), Some(b'+' | b'-' | b'Z' | b'z'))
-    {
+    } else if rest.len() == zone.len() && !matches!(zone.first(), Some(b'+' | b'-' | b'Z' | b'z')) {
         return Err(syntax());
     } else {
         Some(parse_zone(ty, zone)?)
@@ -944,7 +955,10 @@ fn parse_zone(ty: LogicalType, text: &[u8]) -> Result<i64, ValueError> {
             return Err(syntax());
         }
         let number = |range: std::ops::Range<usize>| -> i64 {
-            body.get(range).unwrap_or_default().iter().fold(0, |acc, d| acc * 10 + i64::from(d - b'0'))
+            body.get(range)
+                .unwrap_or_default()
+                .iter()
+                .fold(0, |acc, d| acc * 10 + i64::from(d - b'0'))
         };
         match body.len() {
             1 | 2 => (number(0..body.len()), 0, 0),
@@ -1065,7 +1079,11 @@ mod tests {
     fn ok(ty: LogicalType, input: &str, expected: &str) {
         assert_eq!(text(ty, input).as_deref(), Ok(expected), "{ty:?} {input:?}");
         // Canonical text is accepted as input and is its own canonical text.
-        assert_eq!(text(ty, expected).as_deref(), Ok(expected), "{ty:?} {expected:?}");
+        assert_eq!(
+            text(ty, expected).as_deref(),
+            Ok(expected),
+            "{ty:?} {expected:?}"
+        );
     }
 
     fn refused(ty: LogicalType, input: &str, sqlstate: &str) {
@@ -1203,7 +1221,10 @@ mod tests {
             refused(Int4, bad, "22P02");
         }
         assert_eq!(from_binary(Int2, &(-5i16).to_be_bytes()).unwrap(), "-5");
-        assert_eq!(from_binary(Int4, &i32::MIN.to_be_bytes()).unwrap(), "-2147483648");
+        assert_eq!(
+            from_binary(Int4, &i32::MIN.to_be_bytes()).unwrap(),
+            "-2147483648"
+        );
         assert_eq!(
             from_binary(Int8, &i64::MAX.to_be_bytes()).unwrap(),
             "9223372036854775807"
@@ -1321,9 +1342,18 @@ mod tests {
         }
         // 1.5 = [1, 5000] weight 0 scale 1; 10000 = [1] weight 1; 0.00001 = [1000]
         // weight -2 scale 5.
-        assert_eq!(to_hex(&to_binary(Numeric, "1.5")), "000200000000000100011388");
-        assert_eq!(to_hex(&to_binary(Numeric, "10000")), "0001000100000000" .to_string() + "0001");
-        assert_eq!(to_hex(&to_binary(Numeric, "0.00001")), "0001fffe0000000503e8");
+        assert_eq!(
+            to_hex(&to_binary(Numeric, "1.5")),
+            "000200000000000100011388"
+        );
+        assert_eq!(
+            to_hex(&to_binary(Numeric, "10000")),
+            "0001000100000000".to_string() + "0001"
+        );
+        assert_eq!(
+            to_hex(&to_binary(Numeric, "0.00001")),
+            "0001fffe0000000503e8"
+        );
         // Digits hidden by the display scale are cut, as the server cuts them.
         assert_eq!(
             from_binary(Numeric, &hex("000200000000000100011388")).unwrap(),
@@ -1375,7 +1405,10 @@ mod tests {
                 input.push_str(&format!("e{}", random.below(61) as i64 - 30));
             }
             let canonical = text(Numeric, &input).unwrap();
-            assert!(!canonical.ends_with('.') && !canonical.starts_with("-0.0") || canonical.contains(|c: char| ('1'..='9').contains(&c)));
+            assert!(
+                !canonical.ends_with('.') && !canonical.starts_with("-0.0")
+                    || canonical.contains(|c: char| ('1'..='9').contains(&c))
+            );
             if canonical.contains('.') {
                 assert!(!canonical.ends_with('0'), "{input} → {canonical}");
             }
@@ -1388,7 +1421,7 @@ mod tests {
             assert_eq!(from_binary(Numeric, &binary).unwrap(), canonical);
             // The same value with more trailing zeros is the same canonical text.
             let padded = if input.contains('e') || !input.contains('.') {
-                format!("{canonical}")
+                canonical.to_string()
             } else {
                 format!("{input}000")
             };
@@ -1424,15 +1457,18 @@ mod tests {
         refused(Float8, "-1e400", "22003");
         refused(Float8, "1e-400", "22003");
         for bad in [
-            "", ".", "e1", "1e", "1e+", "0x10", "1,5", "1.2.3", "nan(1)", "infinit", "1 2",
-            "--1", "1_0", "1e1.5",
+            "", ".", "e1", "1e", "1e+", "0x10", "1,5", "1.2.3", "nan(1)", "infinit", "1 2", "--1",
+            "1_0", "1e1.5",
         ] {
             refused(Float8, bad, "22P02");
         }
         assert_eq!(to_binary(Float8, "1.5"), 1.5f64.to_be_bytes());
         assert_eq!(to_binary(Float8, "-0"), (-0.0f64).to_be_bytes());
         assert_eq!(to_binary(Float8, "NaN"), f64::NAN.to_be_bytes());
-        assert_eq!(to_binary(Float8, "-Infinity"), f64::NEG_INFINITY.to_be_bytes());
+        assert_eq!(
+            to_binary(Float8, "-Infinity"),
+            f64::NEG_INFINITY.to_be_bytes()
+        );
         assert_eq!(from_binary(Float8, &0.1f64.to_be_bytes()).unwrap(), "0.1");
         assert_eq!(from_binary(Float8, &[0; 4]).unwrap_err().sqlstate, "22P03");
         // Every float round-trips through its canonical text.
@@ -1456,13 +1492,17 @@ mod tests {
 
     #[test]
     fn booleans() {
-        for yes in ["t", "tr", "TRUE", " true ", "y", "ye", "yes", "on", "ON", "1"] {
+        for yes in [
+            "t", "tr", "TRUE", " true ", "y", "ye", "yes", "on", "ON", "1",
+        ] {
             ok(Bool, yes, "t");
         }
         for no in ["f", "fa", "False", "n", "no", "of", "off", "0", "\toff\n"] {
             ok(Bool, no, "f");
         }
-        for bad in ["", "o", "tru e", "truee", "yess", "onn", "2", "10", "00", "nope"] {
+        for bad in [
+            "", "o", "tru e", "truee", "yess", "onn", "2", "10", "00", "nope",
+        ] {
             refused(Bool, bad, "22P02");
         }
         assert_eq!(to_binary(Bool, "t"), vec![1]);
@@ -1488,35 +1528,66 @@ mod tests {
         ok(Date, "02024-01-01", "2024-01-01");
         ok(Date, "-infinity", "-infinity");
         refused(Date, "5874898-01-01", "22008");
-        for bad in ["2023-02-29", "1900-02-29", "2024-13-01", "2024-00-10", "2024-04-31", "0000-01-01"] {
+        for bad in [
+            "2023-02-29",
+            "1900-02-29",
+            "2024-13-01",
+            "2024-00-10",
+            "2024-04-31",
+            "0000-01-01",
+        ] {
             refused(Date, bad, "22008");
         }
         for bad in [
-            "", "2024", "2024-01", "24-01-01", "2024/01/01", "01-02-2024", "2024-01-01 BC",
-            "2024-001-01", "+infinity", "2024-01-01 10:00", "epoch", "today", "2024-01-01x",
+            "",
+            "2024",
+            "2024-01",
+            "24-01-01",
+            "2024/01/01",
+            "01-02-2024",
+            "2024-01-01 BC",
+            "2024-001-01",
+            "+infinity",
+            "2024-01-01 10:00",
+            "epoch",
+            "today",
+            "2024-01-01x",
             "12345678-01-01",
         ] {
             refused(Date, bad, "22007");
         }
         assert_eq!(to_binary(Date, "2000-01-01"), 0i32.to_be_bytes());
         assert_eq!(to_binary(Date, "1999-12-31"), (-1i32).to_be_bytes());
-        assert_eq!(to_binary(Date, "0001-01-01"), (FIRST_DATE as i32).to_be_bytes());
+        assert_eq!(
+            to_binary(Date, "0001-01-01"),
+            (FIRST_DATE as i32).to_be_bytes()
+        );
         assert_eq!(
             to_binary(Date, "5874897-12-31"),
             (END_DATE as i32 - 1).to_be_bytes()
         );
         assert_eq!(to_binary(Date, "infinity"), i32::MAX.to_be_bytes());
         assert_eq!(to_binary(Date, "-infinity"), i32::MIN.to_be_bytes());
-        assert_eq!(from_binary(Date, &i32::MAX.to_be_bytes()).unwrap(), "infinity");
+        assert_eq!(
+            from_binary(Date, &i32::MAX.to_be_bytes()).unwrap(),
+            "infinity"
+        );
         assert_eq!(from_binary(Date, &hex("00001f9f")).unwrap(), "2022-03-01");
         // BC dates and dates past the server's range are refused.
-        assert_eq!(from_binary(Date, &hex("fff4dbf8")).unwrap_err().sqlstate, "22008");
         assert_eq!(
-            from_binary(Date, &(FIRST_DATE as i32 - 1).to_be_bytes()).unwrap_err().sqlstate,
+            from_binary(Date, &hex("fff4dbf8")).unwrap_err().sqlstate,
             "22008"
         );
         assert_eq!(
-            from_binary(Date, &(END_DATE as i32).to_be_bytes()).unwrap_err().sqlstate,
+            from_binary(Date, &(FIRST_DATE as i32 - 1).to_be_bytes())
+                .unwrap_err()
+                .sqlstate,
+            "22008"
+        );
+        assert_eq!(
+            from_binary(Date, &(END_DATE as i32).to_be_bytes())
+                .unwrap_err()
+                .sqlstate,
             "22008"
         );
         assert_eq!(from_binary(Date, &[0; 3]).unwrap_err().sqlstate, "22P03");
@@ -1524,14 +1595,22 @@ mod tests {
         let mut days = FIRST_DATE as i32;
         while days < 400_000 {
             let canonical = from_binary(Date, &days.to_be_bytes()).unwrap();
-            assert_eq!(to_binary(Date, &canonical), days.to_be_bytes(), "{canonical}");
+            assert_eq!(
+                to_binary(Date, &canonical),
+                days.to_be_bytes(),
+                "{canonical}"
+            );
             days += 1;
         }
         let mut random = Random(0xda7e);
         for _ in 0..2000 {
             let days = (FIRST_DATE + random.below((END_DATE - FIRST_DATE) as u64) as i64) as i32;
             let canonical = from_binary(Date, &days.to_be_bytes()).unwrap();
-            assert_eq!(to_binary(Date, &canonical), days.to_be_bytes(), "{canonical}");
+            assert_eq!(
+                to_binary(Date, &canonical),
+                days.to_be_bytes(),
+                "{canonical}"
+            );
         }
     }
 
@@ -1541,21 +1620,53 @@ mod tests {
         ok(Timestamp, "2024-01-01T10:00:05", "2024-01-01 10:00:05");
         ok(Timestamp, "2024-01-01", "2024-01-01 00:00:00");
         ok(Timestamp, " 2024-01-01 1:02:03.5 ", "2024-01-01 01:02:03.5");
-        ok(Timestamp, "2024-01-01 10:00:00.123456", "2024-01-01 10:00:00.123456");
-        ok(Timestamp, "2024-01-01 10:00:00.000000", "2024-01-01 10:00:00");
-        ok(Timestamp, "2024-02-29 23:59:59.999999", "2024-02-29 23:59:59.999999");
+        ok(
+            Timestamp,
+            "2024-01-01 10:00:00.123456",
+            "2024-01-01 10:00:00.123456",
+        );
+        ok(
+            Timestamp,
+            "2024-01-01 10:00:00.000000",
+            "2024-01-01 10:00:00",
+        );
+        ok(
+            Timestamp,
+            "2024-02-29 23:59:59.999999",
+            "2024-02-29 23:59:59.999999",
+        );
         // More than six fractional digits: rounded half to even.
-        ok(Timestamp, "2024-01-01 10:00:00.1234565", "2024-01-01 10:00:00.123456");
-        ok(Timestamp, "2024-01-01 10:00:00.1234575", "2024-01-01 10:00:00.123458");
-        ok(Timestamp, "2024-01-01 10:00:00.12345650001", "2024-01-01 10:00:00.123457");
-        ok(Timestamp, "2024-12-31 23:59:59.9999999", "2025-01-01 00:00:00");
+        ok(
+            Timestamp,
+            "2024-01-01 10:00:00.1234565",
+            "2024-01-01 10:00:00.123456",
+        );
+        ok(
+            Timestamp,
+            "2024-01-01 10:00:00.1234575",
+            "2024-01-01 10:00:00.123458",
+        );
+        ok(
+            Timestamp,
+            "2024-01-01 10:00:00.12345650001",
+            "2024-01-01 10:00:00.123457",
+        );
+        ok(
+            Timestamp,
+            "2024-12-31 23:59:59.9999999",
+            "2025-01-01 00:00:00",
+        );
         // 24:00 and a leap second roll over, as in the server.
         ok(Timestamp, "2024-02-28 24:00:00", "2024-02-29 00:00:00");
         ok(Timestamp, "2024-12-31 23:59:60", "2025-01-01 00:00:00");
         // A zone is ignored for timestamp without time zone, as the server ignores it.
         ok(Timestamp, "2024-01-01 10:00+08", "2024-01-01 10:00:00");
         ok(Timestamp, "0001-01-01 00:00:00", "0001-01-01 00:00:00");
-        ok(Timestamp, "294276-12-31 23:59:59.999999", "294276-12-31 23:59:59.999999");
+        ok(
+            Timestamp,
+            "294276-12-31 23:59:59.999999",
+            "294276-12-31 23:59:59.999999",
+        );
         ok(Timestamp, "infinity", "infinity");
         ok(Timestamp, "-Infinity", "-infinity");
         refused(Timestamp, "+infinity", "22007");
@@ -1588,24 +1699,42 @@ mod tests {
             refused(Timestamp, bad, "22007");
         }
         refused(Timestamp, "2024-01-01 10:00+16", "22009");
-        assert_eq!(to_binary(Timestamp, "2000-01-01 00:00:00"), 0i64.to_be_bytes());
-        assert_eq!(to_binary(Timestamp, "2000-01-01 00:00:01.5"), 1_500_000i64.to_be_bytes());
-        assert_eq!(to_binary(Timestamp, "1999-12-31 23:59:59.999999"), (-1i64).to_be_bytes());
+        assert_eq!(
+            to_binary(Timestamp, "2000-01-01 00:00:00"),
+            0i64.to_be_bytes()
+        );
+        assert_eq!(
+            to_binary(Timestamp, "2000-01-01 00:00:01.5"),
+            1_500_000i64.to_be_bytes()
+        );
+        assert_eq!(
+            to_binary(Timestamp, "1999-12-31 23:59:59.999999"),
+            (-1i64).to_be_bytes()
+        );
         assert_eq!(to_binary(Timestamp, "infinity"), i64::MAX.to_be_bytes());
         assert_eq!(to_binary(Timestamp, "-infinity"), i64::MIN.to_be_bytes());
         assert_eq!(
-            from_binary(Timestamp, &hex("fdb362e94b0d1bdd")).unwrap_err().sqlstate,
+            from_binary(Timestamp, &hex("fdb362e94b0d1bdd"))
+                .unwrap_err()
+                .sqlstate,
             "22008"
         );
         assert_eq!(
-            from_binary(Timestamp, &(FIRST_TIMESTAMP - 1).to_be_bytes()).unwrap_err().sqlstate,
+            from_binary(Timestamp, &(FIRST_TIMESTAMP - 1).to_be_bytes())
+                .unwrap_err()
+                .sqlstate,
             "22008"
         );
         assert_eq!(
-            from_binary(Timestamp, &END_TIMESTAMP.to_be_bytes()).unwrap_err().sqlstate,
+            from_binary(Timestamp, &END_TIMESTAMP.to_be_bytes())
+                .unwrap_err()
+                .sqlstate,
             "22008"
         );
-        assert_eq!(from_binary(Timestamp, &[0; 7]).unwrap_err().sqlstate, "22P03");
+        assert_eq!(
+            from_binary(Timestamp, &[0; 7]).unwrap_err().sqlstate,
+            "22P03"
+        );
     }
 
     #[test]
@@ -1626,15 +1755,27 @@ mod tests {
         ] {
             ok(Timestamptz, input, "2024-01-01 02:00:00+00");
         }
-        ok(Timestamptz, "2024-03-01 01:00:00.25+02", "2024-02-29 23:00:00.25+00");
+        ok(
+            Timestamptz,
+            "2024-03-01 01:00:00.25+02",
+            "2024-02-29 23:00:00.25+00",
+        );
         ok(Timestamptz, "2024-01-01 10:00+8", "2024-01-01 02:00:00+00");
         ok(Timestamptz, "2024-01-01+08", "2023-12-31 16:00:00+00");
         ok(Timestamptz, "2024-01-01 Z", "2024-01-01 00:00:00+00");
-        ok(Timestamptz, "2024-01-01T10:00:00.5-0130", "2024-01-01 11:30:00.5+00");
+        ok(
+            Timestamptz,
+            "2024-01-01T10:00:00.5-0130",
+            "2024-01-01 11:30:00.5+00",
+        );
         ok(Timestamptz, "infinity", "infinity");
         ok(Timestamptz, "-infinity", "-infinity");
         ok(Timestamptz, "0001-01-01 01:00+01", "0001-01-01 00:00:00+00");
-        ok(Timestamptz, "2024-01-01 10:00+15:59:59", "2023-12-31 18:00:01+00");
+        ok(
+            Timestamptz,
+            "2024-01-01 10:00+15:59:59",
+            "2023-12-31 18:00:01+00",
+        );
         // A value without an offset would need the session's TimeZone.
         let error = text(Timestamptz, "2024-01-01 10:00:00").unwrap_err();
         assert_eq!(error.sqlstate, "22007");
@@ -1657,7 +1798,10 @@ mod tests {
             from_binary(Timestamptz, &hex("4f78d50235e87865")).unwrap(),
             "183467-07-01 17:27:52.664165+00"
         );
-        assert_eq!(from_binary(Timestamptz, &i64::MIN.to_be_bytes()).unwrap(), "-infinity");
+        assert_eq!(
+            from_binary(Timestamptz, &i64::MIN.to_be_bytes()).unwrap(),
+            "-infinity"
+        );
     }
 
     #[test]
@@ -1678,14 +1822,25 @@ mod tests {
                     pgtypes::binary_to_text(ty.oid(), &micros.to_be_bytes()).as_deref(),
                     Some(canonical.as_str())
                 );
-                assert_eq!(to_binary(ty, &canonical), micros.to_be_bytes(), "{canonical}");
+                assert_eq!(
+                    to_binary(ty, &canonical),
+                    micros.to_be_bytes(),
+                    "{canonical}"
+                );
                 assert_eq!(text(ty, &canonical).unwrap(), canonical);
             }
             // The same instant written with an offset.
             let canonical = from_binary(Timestamptz, &micros.to_be_bytes()).unwrap();
             if micros < END_TIMESTAMP - 10 * 3_600 * USECS_PER_SEC {
-                let local = from_binary(Timestamp, &(micros + 5 * 3_600 * USECS_PER_SEC + 30 * 60 * USECS_PER_SEC).to_be_bytes()).unwrap();
-                assert_eq!(text(Timestamptz, &format!("{local}+05:30")).unwrap(), canonical);
+                let local = from_binary(
+                    Timestamp,
+                    &(micros + 5 * 3_600 * USECS_PER_SEC + 30 * 60 * USECS_PER_SEC).to_be_bytes(),
+                )
+                .unwrap();
+                assert_eq!(
+                    text(Timestamptz, &format!("{local}+05:30")).unwrap(),
+                    canonical
+                );
             }
         }
     }
@@ -1700,12 +1855,18 @@ mod tests {
                 canonical_from_text(ty, b"\xff\xfe").unwrap_err().sqlstate,
                 "22021"
             );
-            assert_eq!(canonical_from_text(ty, b"a\0b").unwrap_err().sqlstate, "22021");
+            assert_eq!(
+                canonical_from_text(ty, b"a\0b").unwrap_err().sqlstate,
+                "22021"
+            );
             assert_eq!(
                 canonical_from_binary(ty, "张".as_bytes()).unwrap(),
                 "张".as_bytes()
             );
-            assert_eq!(canonical_from_binary(ty, b"\xe5\xbc").unwrap_err().sqlstate, "22021");
+            assert_eq!(
+                canonical_from_binary(ty, b"\xe5\xbc").unwrap_err().sqlstate,
+                "22021"
+            );
             assert_eq!(binary_from_canonical(ty, b"abc").unwrap(), b"abc");
         }
         ok(Bytea, "\\x", "\\x");
@@ -1724,11 +1885,11 @@ mod tests {
         refused(Bytea, "\\400", "22P02");
         refused(Bytea, "\\12", "22P02");
         refused(Bytea, "trailing\\", "22P02");
-        assert_eq!(to_binary(Bytea, "\\xdeadbeef"), vec![0xde, 0xad, 0xbe, 0xef]);
         assert_eq!(
-            from_binary(Bytea, &[0, 0x5c, 0xff]).unwrap(),
-            "\\x005cff"
+            to_binary(Bytea, "\\xdeadbeef"),
+            vec![0xde, 0xad, 0xbe, 0xef]
         );
+        assert_eq!(from_binary(Bytea, &[0, 0x5c, 0xff]).unwrap(), "\\x005cff");
         assert_eq!(from_binary(Bytea, &[]).unwrap(), "\\x");
         let mut random = Random(0xb17e);
         for _ in 0..500 {
@@ -1813,12 +1974,20 @@ mod tests {
                 if let Ok(canonical) = canonical_from_text(ty, input) {
                     assert_eq!(canonical_from_text(ty, &canonical).as_ref(), Ok(&canonical));
                     let binary = binary_from_canonical(ty, &canonical).unwrap();
-                    assert_eq!(canonical_from_binary(ty, &binary).as_ref(), Ok(&canonical), "{ty:?} {input:?}");
+                    assert_eq!(
+                        canonical_from_binary(ty, &binary).as_ref(),
+                        Ok(&canonical),
+                        "{ty:?} {input:?}"
+                    );
                 }
                 let _ = binary_from_canonical(ty, input);
                 if let Ok(canonical) = canonical_from_binary(ty, input) {
                     let binary = binary_from_canonical(ty, &canonical).unwrap();
-                    assert_eq!(canonical_from_binary(ty, &binary).as_ref(), Ok(&canonical), "{ty:?} {input:?}");
+                    assert_eq!(
+                        canonical_from_binary(ty, &binary).as_ref(),
+                        Ok(&canonical),
+                        "{ty:?} {input:?}"
+                    );
                 }
             }
         }

@@ -5,8 +5,8 @@
 //! this module only decides *how*. Nothing in here may ever return, log or put into an
 //! error message the original value of a protected column.
 
-pub mod envelope;
 pub mod column_crypto;
+pub mod envelope;
 pub mod keyring;
 pub mod logical;
 pub mod mask;

@@ -21,8 +21,10 @@ use crate::protect::column_crypto::ColumnCrypto;
 use crate::sql::encryption::{
     analyse, Analysis, CopyIn, Edit, Knowledge, Operand, ParamUse, RefusalKind,
 };
-use crate::wire::bind::{decode_parameter_description, encode_bind, encode_parameter_description, encode_parse, Bind};
-use crate::wire::messages::{BindNames, MalformedMessage, Parse, TargetName, Target};
+use crate::wire::bind::{
+    decode_parameter_description, encode_bind, encode_parameter_description, encode_parse, Bind,
+};
+use crate::wire::messages::{BindNames, MalformedMessage, Parse, Target, TargetName};
 
 /// Why a client request is refused before the server sees it.
 #[derive(Debug, Clone)]
@@ -99,14 +101,22 @@ fn unusable(protection: &Protection, column: ColumnId) -> Box<WriteRefusal> {
     )
 }
 
-fn crypto_of<'a>(protection: &'a Protection, column: ColumnId) -> Result<&'a Arc<ColumnCrypto>, Box<WriteRefusal>> {
+fn crypto_of(
+    protection: &Protection,
+    column: ColumnId,
+) -> Result<&Arc<ColumnCrypto>, Box<WriteRefusal>> {
     protection
         .ciphers
         .get(column)
         .ok_or_else(|| unusable(protection, column))
 }
 
-fn value_refusal(protection: &Protection, column: ColumnId, error: impl std::fmt::Display, sqlstate: &'static str) -> Box<WriteRefusal> {
+fn value_refusal(
+    protection: &Protection,
+    column: ColumnId,
+    error: impl std::fmt::Display,
+    sqlstate: &'static str,
+) -> Box<WriteRefusal> {
     refusal(
         sqlstate,
         DenyReason::WriteRefused,
@@ -120,7 +130,12 @@ fn value_refusal(protection: &Protection, column: ColumnId, error: impl std::fmt
 }
 
 /// The canonical text of a client value for `column`.
-fn canonical(protection: &Protection, column: ColumnId, format: i16, value: &[u8]) -> Result<(Arc<ColumnCrypto>, Vec<u8>), Box<WriteRefusal>> {
+fn canonical(
+    protection: &Protection,
+    column: ColumnId,
+    format: i16,
+    value: &[u8],
+) -> Result<(Arc<ColumnCrypto>, Vec<u8>), Box<WriteRefusal>> {
     let crypto = crypto_of(protection, column)?.clone();
     let canonical = crypto
         .canonical(format, value)
@@ -128,13 +143,23 @@ fn canonical(protection: &Protection, column: ColumnId, format: i16, value: &[u8
     Ok((crypto, canonical))
 }
 
-fn seal(protection: &Protection, column: ColumnId, crypto: &ColumnCrypto, canonical: &[u8]) -> Result<Vec<u8>, Box<WriteRefusal>> {
+fn seal(
+    protection: &Protection,
+    column: ColumnId,
+    crypto: &ColumnCrypto,
+    canonical: &[u8],
+) -> Result<Vec<u8>, Box<WriteRefusal>> {
     crypto
         .seal(canonical)
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
 }
 
-fn seal_every(protection: &Protection, column: ColumnId, crypto: &ColumnCrypto, canonical: &[u8]) -> Result<Vec<Vec<u8>>, Box<WriteRefusal>> {
+fn seal_every(
+    protection: &Protection,
+    column: ColumnId,
+    crypto: &ColumnCrypto,
+    canonical: &[u8],
+) -> Result<Vec<Vec<u8>>, Box<WriteRefusal>> {
     crypto
         .seal_under_every_key(canonical)
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
@@ -200,7 +225,11 @@ fn rewrite(
     extras: &mut Vec<(u32, usize)>,
 ) -> Result<String, Box<WriteRefusal>> {
     let mut replacements = Vec::with_capacity(analysis.edits.len());
-    let lookup_items = |column: ColumnId, operand: &Operand, next_param: &mut u32, extras: &mut Vec<(u32, usize)>| -> Result<String, Box<WriteRefusal>> {
+    let lookup_items = |column: ColumnId,
+                        operand: &Operand,
+                        next_param: &mut u32,
+                        extras: &mut Vec<(u32, usize)>|
+     -> Result<String, Box<WriteRefusal>> {
         match operand {
             Operand::Literal(value) => {
                 let (crypto, canonical) = canonical(protection, column, 0, value.as_bytes())?;
@@ -331,7 +360,11 @@ impl SessionCrypto {
         }
     }
 
-    fn on_parse(&mut self, protection: &Protection, body: &[u8]) -> Result<ClientAction, MalformedMessage> {
+    fn on_parse(
+        &mut self,
+        protection: &Protection,
+        body: &[u8],
+    ) -> Result<ClientAction, MalformedMessage> {
         let parse = Parse::decode(body)?;
         let name = Bytes::copy_from_slice(parse.statement);
         let analysis = match analysis_of(protection, parse.query) {
@@ -385,7 +418,9 @@ impl SessionCrypto {
             }
         }
         let changed = rewritten.is_some() || declared_encrypted || !plan.extras.is_empty();
-        let query = rewritten.map(String::into_bytes).unwrap_or_else(|| parse.query.to_vec());
+        let query = rewritten
+            .map(String::into_bytes)
+            .unwrap_or_else(|| parse.query.to_vec());
         self.statements.insert(name, Arc::new(plan));
         Ok(if changed {
             ClientAction::Replace(encode_parse(parse.statement, &query, &types))
@@ -394,7 +429,11 @@ impl SessionCrypto {
         })
     }
 
-    fn on_bind(&mut self, protection: &Protection, body: &[u8]) -> Result<ClientAction, MalformedMessage> {
+    fn on_bind(
+        &mut self,
+        protection: &Protection,
+        body: &[u8],
+    ) -> Result<ClientAction, MalformedMessage> {
         let names = BindNames::decode(body)?;
         let portal = Bytes::copy_from_slice(names.portal);
         let Some(plan) = self.statements.get(names.statement).cloned() else {
@@ -406,7 +445,8 @@ impl SessionCrypto {
             return Ok(ClientAction::Forward);
         }
         let bind = Bind::decode(body)?;
-        let mut parameters: Vec<(i16, Option<Vec<u8>>)> = Vec::with_capacity(bind.parameters.len() + plan.extras.len());
+        let mut parameters: Vec<(i16, Option<Vec<u8>>)> =
+            Vec::with_capacity(bind.parameters.len() + plan.extras.len());
         // Per lookup parameter: its envelopes under every key.
         let mut lookups: HashMap<u32, Vec<Vec<u8>>> = HashMap::new();
         for (index, value) in bind.parameters.iter().enumerate() {
@@ -442,7 +482,11 @@ impl SessionCrypto {
             parameters.push((format, Some(stored)));
         }
         for (source, key) in &plan.extras {
-            let column = plan.params.iter().find(|p| p.index == *source).map(|p| p.column);
+            let column = plan
+                .params
+                .iter()
+                .find(|p| p.index == *source)
+                .map(|p| p.column);
             let envelope = lookups.get(source).and_then(|e| e.get(*key)).cloned();
             match (column, envelope) {
                 (Some(column), Some(envelope)) => {
@@ -496,4 +540,3 @@ impl SessionCrypto {
         Ok(Some(encode_parameter_description(&types)))
     }
 }
-

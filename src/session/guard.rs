@@ -18,16 +18,20 @@ use prometheus::IntCounter;
 use thiserror::Error;
 use tracing::{debug, info};
 
+use super::crypt::{ClientAction, SessionCrypto};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
 use crate::observe::audit::AuditColumn;
 use crate::observe::audit_log::AuditLog;
 use crate::observe::{metrics, DenyReason};
+use crate::policy::file::EncryptMode;
 use crate::policy::{Action, ColumnId, Policy, RoleId};
+use crate::protect::column_crypto::ColumnCrypto;
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
 use crate::sqltext::{may_modify_data, runs_another_statement};
+use crate::wire::bind::{encode_bind, encode_parse};
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
     command_tag, error_is_fatal, execute_portal, scrub_report, BindNames, ErrorReport,
@@ -37,10 +41,6 @@ use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, encode_row_description,
     FieldDescription, BINARY_FORMAT,
 };
-use crate::wire::bind::{encode_bind, encode_parse};
-use crate::policy::file::EncryptMode;
-use crate::protect::column_crypto::ColumnCrypto;
-use super::crypt::{ClientAction, SessionCrypto};
 
 #[derive(Debug, Error)]
 pub enum GuardError {
@@ -678,9 +678,7 @@ impl ReadGuard {
         tag: u8,
         body: &[u8],
     ) -> Result<Option<Verdict>, GuardError> {
-        let action =
-            self.crypto
-                .on_client_message(&self.protection, tag, body)?;
+        let action = self.crypto.on_client_message(&self.protection, tag, body)?;
         Ok(match action {
             ClientAction::Forward => None,
             ClientAction::Replace(frame) => Some(Verdict::Replace(frame)),
@@ -688,9 +686,10 @@ impl ReadGuard {
             ClientAction::Refuse(refused) => {
                 let mut refusal = denied(
                     refused.reason,
-                    refused
-                        .column
-                        .map_or_else(|| UNKNOWN_TABLE.to_string(), |c| self.protection.policy.table_label(c)),
+                    refused.column.map_or_else(
+                        || UNKNOWN_TABLE.to_string(),
+                        |c| self.protection.policy.table_label(c),
+                    ),
                     refused.sqlstate,
                     refused.message,
                     &refused.hint,
@@ -713,7 +712,8 @@ impl ReadGuard {
                         let mut marker = REFUSED_MARKER.to_vec();
                         marker.extend_from_slice(self.next_marker.to_string().as_bytes());
                         self.next_marker += 1;
-                        self.refused_requests.insert(marker.clone(), (refusal, statement));
+                        self.refused_requests
+                            .insert(marker.clone(), (refusal, statement));
                         Verdict::Substitute(if tag == b'P' {
                             let parse = Parse::decode(body)?;
                             encode_parse(parse.statement, &marker, &[])
@@ -729,7 +729,10 @@ impl ReadGuard {
 
     /// The refusal of a Parse or Bind pgveil replaced, when the server's error answers
     /// one.
-    fn refused_request_answered(&mut self, state: &SessionState) -> Option<(Box<Refusal>, Vec<u8>)> {
+    fn refused_request_answered(
+        &mut self,
+        state: &SessionState,
+    ) -> Option<(Box<Refusal>, Vec<u8>)> {
         if self.refused_requests.is_empty() {
             return None;
         }
@@ -1353,8 +1356,10 @@ impl ReadGuard {
         let mut changed = false;
         let mut fields = columns.to_vec();
         for field in &mut fields {
-            if let Lookup::Protected(ColumnSource::Protected(column)) =
-                self.protection.catalog.lookup(field.table_oid, field.attnum)
+            if let Lookup::Protected(ColumnSource::Protected(column)) = self
+                .protection
+                .catalog
+                .lookup(field.table_oid, field.attnum)
             {
                 if let Some(crypto) = self.protection.ciphers.get(*column) {
                     field.type_oid = crypto.logical.oid();
@@ -1477,31 +1482,46 @@ impl ReadGuard {
             // value computed from ciphertext means nothing and is refused.
             let mut logical_oid = field.type_oid;
             match source {
-                ColumnSource::Protected(column) if policy.columns[*column].encrypt != EncryptMode::None => {
+                ColumnSource::Protected(column)
+                    if policy.columns[*column].encrypt != EncryptMode::None =>
+                {
                     match self.protection.ciphers.get(*column) {
                         Some(crypto) => {
                             logical_oid = crypto.logical.oid();
-                            if !matches!(policy.action(self.role, *column), Action::Redact | Action::Deny) {
+                            if !matches!(
+                                policy.action(self.role, *column),
+                                Action::Redact | Action::Deny
+                            ) {
                                 decrypt.push((index, crypto.clone(), field.format));
                             }
                         }
                         None => {
-                            return Plan::Deny(denied(
-                                DenyReason::UnsupportedOnEncrypted,
-                                policy.table_label(*column),
-                                "XX001",
-                                format!(
-                                    "pgveil: cannot decrypt column {}: {}",
-                                    policy.column_label(*column),
-                                    self.protection.ciphers.unusable.get(column).map_or("it has no cipher", String::as_str)
-                                ),
-                                "fix the column's type or the keyring",
-                            ).about(policy, *column))
+                            return Plan::Deny(
+                                denied(
+                                    DenyReason::UnsupportedOnEncrypted,
+                                    policy.table_label(*column),
+                                    "XX001",
+                                    format!(
+                                        "pgveil: cannot decrypt column {}: {}",
+                                        policy.column_label(*column),
+                                        self.protection
+                                            .ciphers
+                                            .unusable
+                                            .get(column)
+                                            .map_or("it has no cipher", String::as_str)
+                                    ),
+                                    "fix the column's type or the keyring",
+                                )
+                                .about(policy, *column),
+                            )
                         }
                     }
                 }
                 ColumnSource::Derived(sources) => {
-                    if let Some(&id) = sources.iter().find(|&&id| policy.columns[id].encrypt != EncryptMode::None) {
+                    if let Some(&id) = sources
+                        .iter()
+                        .find(|&&id| policy.columns[id].encrypt != EncryptMode::None)
+                    {
                         return Plan::Deny(denied(
                             DenyReason::UnsupportedOnEncrypted,
                             policy.table_label(id),

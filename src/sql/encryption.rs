@@ -704,7 +704,11 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn scope_of_from(&mut self, from: &[TableWithJoins], scopes: &mut Vec<Scope>) -> Checked<Scope> {
+    fn scope_of_from(
+        &mut self,
+        from: &[TableWithJoins],
+        scopes: &mut Vec<Scope>,
+    ) -> Checked<Scope> {
         let mut scope = Scope::default();
         for table in from {
             self.add_from_item(table, &mut scope, scopes)?;

@@ -134,7 +134,8 @@ pub fn encode_bind(
 
 /// Encodes a whole Parse frame.
 pub fn encode_parse(statement: &[u8], query: &[u8], parameter_types: &[u32]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(statement.len() + query.len() + 4 + 4 * parameter_types.len());
+    let mut body =
+        Vec::with_capacity(statement.len() + query.len() + 4 + 4 * parameter_types.len());
     body.extend_from_slice(statement);
     body.push(0);
     body.extend_from_slice(query);
@@ -205,7 +206,10 @@ mod tests {
         assert_eq!(parse.query, b"SELECT $1");
         assert_eq!(parse.parameter_types, vec![25, 0]);
         let frame = encode_parameter_description(&[23, 25]);
-        assert_eq!(decode_parameter_description(&frame[5..]).unwrap(), vec![23, 25]);
+        assert_eq!(
+            decode_parameter_description(&frame[5..]).unwrap(),
+            vec![23, 25]
+        );
         assert!(decode_parameter_description(&frame[5..8]).is_err());
     }
 }
