@@ -1,4 +1,5 @@
-//! Value transforms: masking now, encryption later.
+//! Value transforms: masks, the encryption envelope and keyring, and the logical types
+//! of encrypted columns.
 //!
 //! Everything here is sans-IO and works on single column values that the session has
 //! already decided to transform; the policy decides *whether* a value is transformed,
