@@ -782,9 +782,10 @@ fn decode_csv(
 
 /// Writes `fields` (None for NULL) as one line ending in `terminator`, escaping or
 /// quoting as needed, so that [`decode_row`] (and the server) read back exactly these
-/// values. The one value no line can carry is the empty string when the NULL string is
-/// empty in text format: it reads back as NULL, as it would from the server's own COPY
-/// TO (it never comes out of [`decode_row`] either).
+/// values. Two kinds of value no line can carry: one holding a NUL byte (the reader and
+/// the server refuse the line; no server encoding can store it), and the empty string
+/// when the NULL string is empty in text format, which reads back as NULL as it would
+/// from the server's own COPY TO (neither ever comes out of [`decode_row`]).
 pub fn encode_row(format: &CopyFormat, fields: &[Option<&[u8]>], terminator: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         fields
