@@ -27,9 +27,9 @@ use sqlparser::ast::{
     AssignmentTarget, BinaryOperator, CopyLegacyCsvOption, CopyLegacyOption, CopyOption,
     CopySource, CopyTarget, Distinct, Expr, FromTable, FunctionArg, FunctionArgExpr,
     FunctionArguments, GroupByExpr, Ident, ObjectName, ObjectNamePart, OnConflictAction, OnInsert,
-    OrderByKind, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Spanned,
-    Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator, UpdateTableFromKind, Value,
-    Visit, Visitor,
+    OrderBy, OrderByExpr, OrderByKind, Query, Select, SelectItem, SelectItemQualifiedWildcardKind,
+    SetExpr, Spanned, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator,
+    UpdateTableFromKind, Value, Visit, Visitor,
 };
 
 use super::Offsets;
@@ -586,14 +586,24 @@ impl Walker<'_, '_> {
     }
 
     fn query_body(&mut self, query: &Query, scopes: &mut Vec<Scope>) -> Checked<Vec<Output>> {
-        let outputs = self.set_expr(&query.body, scopes)?;
-        if let Some(order_by) = &query.order_by {
-            if let OrderByKind::Expressions(exprs) = &order_by.kind {
-                for item in exprs {
-                    self.order_item(&item.expr, &outputs, scopes, query)?;
+        let order_by: &[OrderByExpr] = match &query.order_by {
+            Some(OrderBy {
+                kind: OrderByKind::Expressions(exprs),
+                ..
+            }) => exprs,
+            _ => &[],
+        };
+        let outputs = match query.body.as_ref() {
+            // ORDER BY expressions see the select's FROM list.
+            SetExpr::Select(select) => self.select(select, order_by, scopes)?,
+            body => {
+                let outputs = self.set_expr(body, scopes)?;
+                for item in order_by {
+                    self.order_item(&item.expr, &outputs, scopes)?;
                 }
+                outputs
             }
-        }
+        };
         if let Some(limit) = &query.limit_clause {
             self.scan(limit, scopes)?;
         }
@@ -607,7 +617,6 @@ impl Walker<'_, '_> {
         expr: &Expr,
         outputs: &[Output],
         scopes: &mut Vec<Scope>,
-        query: &Query,
     ) -> Checked<()> {
         let from_output = match expr {
             Expr::Value(value) => match &value.value {
@@ -627,9 +636,7 @@ impl Walker<'_, '_> {
         };
         let content = match from_output {
             Some(content) => content,
-            // The query's own FROM scope is gone by now (set_expr popped it); an
-            // expression over its columns is judged with the select's scope again.
-            None => self.order_expr_content(expr, scopes, query)?,
+            None => self.value(expr, scopes)?,
         };
         match content {
             Content::Plain => Ok(()),
@@ -639,25 +646,9 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn order_expr_content(
-        &mut self,
-        expr: &Expr,
-        scopes: &mut Vec<Scope>,
-        query: &Query,
-    ) -> Checked<Content> {
-        let scope = match query.body.as_ref() {
-            SetExpr::Select(select) => self.scope_of_from(&select.from, scopes)?,
-            _ => Scope::default(),
-        };
-        scopes.push(scope);
-        let result = self.value(expr, scopes);
-        scopes.pop();
-        result
-    }
-
     fn set_expr(&mut self, body: &SetExpr, scopes: &mut Vec<Scope>) -> Checked<Vec<Output>> {
         match body {
-            SetExpr::Select(select) => self.select(select, scopes),
+            SetExpr::Select(select) => self.select(select, &[], scopes),
             SetExpr::Query(query) => self.query(query, scopes),
             SetExpr::SetOperation { left, right, .. } => {
                 let left = self.set_expr(left, scopes)?;
@@ -716,10 +707,21 @@ impl Walker<'_, '_> {
         Ok(scope)
     }
 
-    fn select(&mut self, select: &Select, scopes: &mut Vec<Scope>) -> Checked<Vec<Output>> {
+    /// A SELECT and the ORDER BY of the query it is the body of.
+    fn select(
+        &mut self,
+        select: &Select,
+        order_by: &[OrderByExpr],
+        scopes: &mut Vec<Scope>,
+    ) -> Checked<Vec<Output>> {
         let scope = self.scope_of_from(&select.from, scopes)?;
         scopes.push(scope);
-        let result = self.select_in_scope(select, scopes);
+        let result = self.select_in_scope(select, scopes).and_then(|outputs| {
+            for item in order_by {
+                self.order_item(&item.expr, &outputs, scopes)?;
+            }
+            Ok(outputs)
+        });
         scopes.pop();
         result
     }

@@ -401,3 +401,13 @@ fn unparseable_and_unknown_statements_are_refused() {
     let refusal = refused("MERGE INTO customers c USING orders o ON c.id = o.id WHEN MATCHED THEN UPDATE SET phone = '1'");
     assert_eq!(refusal.sqlstate(), "42501");
 }
+
+#[test]
+fn order_by_expressions_do_not_analyse_the_from_list_twice() {
+    // The derived table's literal must be marked once: twice would be an overlapping
+    // rewrite, and the statement refused.
+    let sql = "SELECT s.id FROM (SELECT id, id_card FROM customers WHERE id_card = '1') s ORDER BY s.id + 1";
+    let analysis = ok(sql);
+    assert_eq!(edited(sql, &analysis), ["'1'"]);
+    refused("SELECT id FROM customers c ORDER BY c.balance || ''");
+}
