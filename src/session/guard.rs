@@ -697,13 +697,9 @@ impl ReadGuard {
                 if let Some(column) = refused.column {
                     refusal = refusal.about(&self.protection.policy, column);
                 }
-                let statement = match tag {
-                    b'Q' => body.strip_suffix(b"\0").unwrap_or(body).to_vec(),
-                    b'P' => Parse::decode(body)?.query.to_vec(),
-                    _ => b"<bind>".to_vec(),
-                };
                 Some(match tag {
                     b'Q' => {
+                        let statement = body.strip_suffix(b"\0").unwrap_or(body).to_vec();
                         self.substituted
                             .push_back((state.executions_sent(), refusal, statement));
                         Verdict::Substitute(failing_request(b'Q'))
@@ -712,15 +708,17 @@ impl ReadGuard {
                         let mut marker = REFUSED_MARKER.to_vec();
                         marker.extend_from_slice(self.next_marker.to_string().as_bytes());
                         self.next_marker += 1;
-                        self.refused_requests
-                            .insert(marker.clone(), (refusal, statement));
-                        Verdict::Substitute(if tag == b'P' {
+                        let (statement, failing) = if tag == b'P' {
                             let parse = Parse::decode(body)?;
-                            encode_parse(parse.statement, &marker, &[])
+                            let failing = encode_parse(parse.statement, &marker, &[]);
+                            (parse.query.to_vec(), failing)
                         } else {
                             let bind = BindNames::decode(body)?;
-                            encode_bind(bind.portal, &marker, &[], &[])
-                        })
+                            let failing = encode_bind(bind.portal, &marker, &[], &[]);
+                            (b"<bind>".to_vec(), failing)
+                        };
+                        self.refused_requests.insert(marker, (refusal, statement));
+                        Verdict::Substitute(failing)
                     }
                 })
             }

@@ -47,6 +47,16 @@ pub enum Content {
     ComputedFromEncrypted(ColumnId),
 }
 
+impl Content {
+    /// The encrypted column this holds or is computed from.
+    fn column(self) -> Option<ColumnId> {
+        match self {
+            Content::Plain => None,
+            Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RelationColumn {
     /// As the catalog spells it.
@@ -68,6 +78,10 @@ pub struct EncryptedRelation {
 impl EncryptedRelation {
     fn column(&self, name: &str) -> Option<&RelationColumn> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    fn first_encrypted(&self) -> Option<ColumnId> {
+        self.columns.iter().find_map(|c| c.content.column())
     }
 }
 
@@ -245,14 +259,10 @@ impl Entry {
     }
 
     fn first_encrypted(&self) -> Option<ColumnId> {
-        let mut contents: Box<dyn Iterator<Item = Content>> = match &self.relation {
-            Some(relation) => Box::new(relation.columns.iter().map(|c| c.content)),
-            None => Box::new(self.outputs.iter().map(|o| o.content)),
-        };
-        contents.find_map(|content| match content {
-            Content::Plain => None,
-            Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-        })
+        match &self.relation {
+            Some(relation) => relation.first_encrypted(),
+            None => self.outputs.iter().find_map(|o| o.content.column()),
+        }
     }
 
     fn all_outputs(&self) -> Vec<Output> {
@@ -411,10 +421,7 @@ impl Walker<'_, '_> {
             // Same name in several schemas: which one search_path picks is unknown.
             return Err(Box::new(Refusal {
                 kind: RefusalKind::Unsupported,
-                column: first.columns.iter().find_map(|c| match c.content {
-                    Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-                    Content::Plain => None,
-                }),
+                column: first.first_encrypted(),
                 message: format!(
                     "pgveil: \"{}\" names tables with encrypted columns in several schemas",
                     first.name
@@ -653,10 +660,7 @@ impl Walker<'_, '_> {
             SetExpr::SetOperation { left, right, .. } => {
                 let left = self.set_expr(left, scopes)?;
                 let right = self.set_expr(right, scopes)?;
-                if let Some(id) = left.iter().chain(&right).find_map(|o| match o.content {
-                    Content::Plain => None,
-                    Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-                }) {
+                if let Some(id) = left.iter().chain(&right).find_map(|o| o.content.column()) {
                     return Err(self.unsupported(id, "UNION, INTERSECT or EXCEPT"));
                 }
                 Ok(left)
@@ -1244,10 +1248,7 @@ impl Walker<'_, '_> {
             }
             Expr::Subquery(query) => {
                 let outputs = self.query(query, scopes)?;
-                if let Some(id) = outputs.iter().find_map(|o| match o.content {
-                    Content::Plain => None,
-                    Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-                }) {
+                if let Some(id) = outputs.iter().find_map(|o| o.content.column()) {
                     return Err(self.unsupported(id, "a scalar subquery"));
                 }
                 Ok(Content::Plain)
@@ -1630,10 +1631,7 @@ impl Walker<'_, '_> {
         }
         for query in &finder.queries {
             let outputs = self.query(query, scopes)?;
-            if let Some(id) = outputs.iter().find_map(|o| match o.content {
-                Content::Plain => None,
-                Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-            }) {
+            if let Some(id) = outputs.iter().find_map(|o| o.content.column()) {
                 return Err(self.unsupported(id, "a subquery inside an expression"));
             }
         }
@@ -1703,10 +1701,7 @@ impl Walker<'_, '_> {
             return Ok(());
         };
         if relation.is_view {
-            if let Some(id) = relation.columns.iter().find_map(|c| match c.content {
-                Content::Plain => None,
-                Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-            }) {
+            if let Some(id) = relation.first_encrypted() {
                 return Err(self.write_refused(id, "a write through a view"));
             }
         }
@@ -1880,10 +1875,7 @@ impl Walker<'_, '_> {
             match &target {
                 Some(relation) => {
                     if relation.is_view {
-                        if let Some(id) = relation.columns.iter().find_map(|c| match c.content {
-                            Content::Plain => None,
-                            Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-                        }) {
+                        if let Some(id) = relation.first_encrypted() {
                             return Err(self.write_refused(id, "a write through a view"));
                         }
                     }
@@ -1919,10 +1911,7 @@ impl Walker<'_, '_> {
         let (relation, columns) = match source {
             CopySource::Query(query) => {
                 let outputs = self.query(query, scopes)?;
-                if let Some(id) = outputs.iter().find_map(|o| match o.content {
-                    Content::Plain => None,
-                    Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-                }) {
+                if let Some(id) = outputs.iter().find_map(|o| o.content.column()) {
                     return Err(self.copy_out_refused(id));
                 }
                 return Ok(());
@@ -1943,10 +1932,7 @@ impl Walker<'_, '_> {
                 .filter_map(|c| relation.column(&normalise(c)))
                 .collect()
         };
-        let encrypted = fields.iter().find_map(|c| match c.content {
-            Content::Plain => None,
-            Content::Encrypted(id) | Content::ComputedFromEncrypted(id) => Some(id),
-        });
+        let encrypted = fields.iter().find_map(|c| c.content.column());
         let Some(first) = encrypted else {
             return Ok(());
         };
