@@ -52,8 +52,13 @@ fn schema() {
 
 /// pgveil with the policy and a keyring of `keys` (id, base64), the last one active.
 fn proxy(keys: &[(&str, &str)]) -> Proxy {
+    proxy_with(POLICY, keys).0
+}
+
+/// pgveil with `policy_text` (its file path returned, for edits) and a keyring.
+fn proxy_with(policy_text: &str, keys: &[(&str, &str)]) -> (Proxy, std::path::PathBuf) {
     schema();
-    let policy = write_policy(POLICY);
+    let policy = write_policy(policy_text);
     let dir = policy.parent().expect("policy folder");
     let mut keyring = format!("active: {}\nkeys:\n", keys.last().expect("a key").0);
     for (id, key) in keys {
@@ -61,14 +66,15 @@ fn proxy(keys: &[(&str, &str)]) -> Proxy {
     }
     let keyring_path = dir.join("keyring.yaml");
     std::fs::write(&keyring_path, keyring).expect("keyring");
-    Proxy::start_with(ProxyOptions {
+    let proxy = Proxy::start_with(ProxyOptions {
         extra_yaml: format!(
             "{}keyring: {}\n",
             policy_yaml("enc_catalog", &policy),
             keyring_path.display()
         ),
         ..ProxyOptions::default()
-    })
+    });
+    (proxy, policy)
 }
 
 /// Rows of a simple query, every value as text.
@@ -444,4 +450,50 @@ async fn tampered_or_moved_ciphertext_is_an_error_and_rotated_keys_still_read() 
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&error), "XX001");
+}
+
+#[tokio::test]
+async fn a_statement_prepared_before_a_policy_encrypted_its_column_must_be_prepared_again() {
+    let (proxy, policy) = proxy_with(POLICY, &[("k1", KEY1)]);
+    let client = proxy.connect("enc_billing").await;
+    let insert = client
+        .prepare("INSERT INTO accounts (id, note) VALUES ($1, $2)")
+        .await
+        .expect("prepare");
+    client
+        .execute(&insert, &[&701i32, &"plain note"])
+        .await
+        .expect("note is not encrypted yet");
+    // The DBA encrypts `note`.
+    let encrypted = POLICY.replace(
+        "      score:",
+        "      note:    { level: L2, encrypt: randomized, access: { billing: allow } }\n      score:",
+    );
+    std::fs::write(&policy, encrypted).expect("edit policy");
+    let reloaded = support::eventually(std::time::Duration::from_secs(10), || async {
+        client
+            .simple_query("SELECT id FROM accounts WHERE id = 0 ORDER BY note")
+            .await
+            .is_err_and(|e| sqlstate(&e) == "0A000")
+    })
+    .await;
+    assert!(reloaded, "the policy was not reloaded:\n{}", proxy.log());
+    // The old statement would bind the note in plaintext: refused.
+    let error = client
+        .execute(&insert, &[&702i32, &"secret note"])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "0A000", "{error}");
+    // Prepared again, it encrypts.
+    let insert = client
+        .prepare("INSERT INTO accounts (id, note) VALUES ($1, $2)")
+        .await
+        .expect("prepare again");
+    client
+        .execute(&insert, &[&702i32, &"secret note"])
+        .await
+        .expect("encrypted insert");
+    let raw = stored("702").await;
+    assert!(!raw.contains("secret note"), "{raw}");
+    assert!(raw.contains("\"note\":\"pgv1:"), "{raw}");
 }

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::state::SessionState;
 use crate::engine::Protection;
 use crate::observe::metrics::DenyReason;
-use crate::policy::ColumnId;
+use crate::policy::{ColumnId, Policy};
 use crate::protect::column_crypto::ColumnCrypto;
 use crate::sql::encryption::{
     analyse, Analysis, CopyIn, Edit, Knowledge, Operand, ParamUse, RefusalKind,
@@ -47,8 +48,10 @@ pub enum ClientAction {
 }
 
 /// What pgveil did to a prepared statement, for its Binds and Describes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct StatementPlan {
+    /// The policy it was analysed under: under another, it may encrypt too little.
+    policy: Arc<Policy>,
     /// Parameters bound for encrypted columns.
     params: Vec<ParamUse>,
     /// Parameters pgveil added (after the client's): for each, the client's parameter
@@ -62,8 +65,6 @@ struct StatementPlan {
 #[derive(Debug, Default)]
 pub struct SessionCrypto {
     statements: HashMap<Bytes, Arc<StatementPlan>>,
-    /// Portal name → plan of the statement it was bound from, for Executes.
-    portals: HashMap<Bytes, Arc<StatementPlan>>,
 }
 
 fn refusal(
@@ -302,19 +303,19 @@ impl SessionCrypto {
     pub fn on_client_message(
         &mut self,
         protection: &Protection,
+        state: &SessionState,
         tag: u8,
         body: &[u8],
     ) -> Result<ClientAction, MalformedMessage> {
         Ok(match tag {
             b'Q' => self.on_query(protection, body),
             b'P' => self.on_parse(protection, body)?,
-            b'B' => self.on_bind(protection, body)?,
+            b'B' => self.on_bind(protection, state, body)?,
             b'C' => {
                 let target = TargetName::decode("Close", body)?;
-                match target.target {
-                    Target::Statement => self.statements.remove(target.name),
-                    Target::Portal => self.portals.remove(target.name),
-                };
+                if target.target == Target::Statement {
+                    self.statements.remove(target.name);
+                }
                 ClientAction::Forward
             }
             _ => ClientAction::Forward,
@@ -369,7 +370,17 @@ impl SessionCrypto {
         let name = Bytes::copy_from_slice(parse.statement);
         let analysis = match analysis_of(protection, parse.query) {
             Ok(None) => {
-                self.statements.remove(&name);
+                // Nothing to encrypt under this policy; remembered so a Bind after a
+                // policy change knows to look again.
+                self.statements.insert(
+                    name,
+                    Arc::new(StatementPlan {
+                        policy: protection.policy.clone(),
+                        params: Vec::new(),
+                        extras: Vec::new(),
+                        client_params: 0,
+                    }),
+                );
                 return Ok(ClientAction::Forward);
             }
             Ok(Some(analysis)) => analysis,
@@ -398,6 +409,7 @@ impl SessionCrypto {
             }
         };
         let plan = StatementPlan {
+            policy: protection.policy.clone(),
             params: analysis.params.clone(),
             extras,
             client_params,
@@ -432,15 +444,29 @@ impl SessionCrypto {
     fn on_bind(
         &mut self,
         protection: &Protection,
+        state: &SessionState,
         body: &[u8],
     ) -> Result<ClientAction, MalformedMessage> {
         let names = BindNames::decode(body)?;
-        let portal = Bytes::copy_from_slice(names.portal);
-        let Some(plan) = self.statements.get(names.statement).cloned() else {
-            self.portals.remove(&portal);
-            return Ok(ClientAction::Forward);
+        let plan = match self.statements.get(names.statement) {
+            Some(plan) if Arc::ptr_eq(&plan.policy, &protection.policy) => plan.clone(),
+            // Prepared before the running policy: it may now bind values of columns
+            // that were not encrypted then. (A statement made with SQL PREPARE is
+            // analysed at its PREPARE, which refuses encrypted parameters.)
+            _ => {
+                let prepared = state.statement(names.statement);
+                if prepared.is_some_and(|s| protection.catalog.names_encrypted_relation(&s.query)) {
+                    return Ok(ClientAction::Refuse(refusal(
+                        "0A000",
+                        DenyReason::WriteRefused,
+                        None,
+                        "pgveil: this prepared statement names a table with encrypted columns and was prepared under an earlier policy",
+                        "prepare the statement again, so pgveil encrypts its parameters under the running policy",
+                    )));
+                }
+                return Ok(ClientAction::Forward);
+            }
         };
-        self.portals.insert(portal, plan.clone());
         if plan.params.is_empty() && plan.extras.is_empty() {
             return Ok(ClientAction::Forward);
         }

@@ -678,7 +678,9 @@ impl ReadGuard {
         tag: u8,
         body: &[u8],
     ) -> Result<Option<Verdict>, GuardError> {
-        let action = self.crypto.on_client_message(&self.protection, tag, body)?;
+        let action = self
+            .crypto
+            .on_client_message(&self.protection, state, tag, body)?;
         Ok(match action {
             ClientAction::Forward => None,
             ClientAction::Replace(frame) => Some(Verdict::Replace(frame)),
