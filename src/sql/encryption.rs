@@ -35,6 +35,7 @@ use sqlparser::ast::{
 use super::Offsets;
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Policy};
+use crate::wire::copy_rows::CopyFormat;
 
 /// What a relation column holds, as far as encryption goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,28 +142,12 @@ pub struct ParamUse {
     pub lookup: bool,
 }
 
-/// The format of COPY … FROM STDIN data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyInFormat {
-    Text {
-        delimiter: u8,
-        null: Vec<u8>,
-    },
-    Csv {
-        delimiter: u8,
-        quote: u8,
-        escape: u8,
-        null: Vec<u8>,
-        header: bool,
-    },
-}
-
 /// A COPY … FROM STDIN into a relation with encrypted columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyIn {
     /// For each field of a row, the encrypted column it fills.
     pub fields: Vec<Option<ColumnId>>,
-    pub format: CopyInFormat,
+    pub format: CopyFormat,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -233,6 +218,19 @@ pub fn analyse(sql: &str, knowledge: &Knowledge) -> Checked<Analysis> {
         walker.statement(statement)?;
     }
     walker.check_params(&statements)?;
+    if let (Some(copy), true) = (&walker.analysis.copy_in, statements.len() > 1) {
+        // The rows that follow belong to one COPY; with several statements pgveil
+        // could not be sure which of them the server is reading data for.
+        return Err(walker.unsupported(
+            copy.fields
+                .iter()
+                .flatten()
+                .next()
+                .copied()
+                .unwrap_or_default(),
+            "COPY … FROM STDIN together with other statements in one query",
+        ));
+    }
     Ok(walker.analysis)
 }
 
@@ -1924,15 +1922,17 @@ impl Walker<'_, '_> {
                 None => return Ok(()),
             },
         };
-        let fields: Vec<&RelationColumn> = if columns.is_empty() {
-            relation.columns.iter().collect()
+        let fields: Vec<Option<&RelationColumn>> = if columns.is_empty() {
+            relation.columns.iter().map(Some).collect()
         } else {
+            // A column the relation lacks fails the COPY at the server, which then
+            // ignores the data; it keeps its place so the fields stay aligned.
             columns
                 .iter()
-                .filter_map(|c| relation.column(&normalise(c)))
+                .map(|c| relation.column(&normalise(c)))
                 .collect()
         };
-        let encrypted = fields.iter().find_map(|c| c.content.column());
+        let encrypted = fields.iter().flatten().find_map(|c| c.content.column());
         let Some(first) = encrypted else {
             return Ok(());
         };
@@ -1947,7 +1947,7 @@ impl Walker<'_, '_> {
         }
         for column in &relation.columns {
             if let Content::Encrypted(id) = column.content {
-                if column.has_default && !fields.iter().any(|f| f.name == column.name) {
+                if column.has_default && !fields.iter().flatten().any(|f| f.name == column.name) {
                     return Err(self.write_refused(id, "the column's DEFAULT expression"));
                 }
             }
@@ -1957,8 +1957,8 @@ impl Walker<'_, '_> {
         self.analysis.copy_in = Some(CopyIn {
             fields: fields
                 .iter()
-                .map(|c| match c.content {
-                    Content::Encrypted(id) => Some(id),
+                .map(|c| match c.map(|c| c.content) {
+                    Some(Content::Encrypted(id)) => Some(id),
                     _ => None,
                 })
                 .collect(),
@@ -2068,7 +2068,7 @@ fn literal_text(value: &Value) -> Option<String> {
 fn copy_format(
     options: &[CopyOption],
     legacy: &[CopyLegacyOption],
-) -> Result<CopyInFormat, &'static str> {
+) -> Result<CopyFormat, &'static str> {
     let mut csv = false;
     let mut delimiter = None;
     let mut null = None;
@@ -2088,8 +2088,15 @@ fn copy_format(
             CopyOption::Header(h) => header = *h,
             CopyOption::Quote(c) => quote = byte(*c).ok_or("a non-ASCII QUOTE")?,
             CopyOption::Escape(c) => escape = Some(byte(*c).ok_or("a non-ASCII ESCAPE")?),
-            CopyOption::Freeze(_) | CopyOption::Encoding(_) => {}
-            _ => return Err("FORCE options"),
+            CopyOption::Encoding(name) => {
+                if !ascii_safe_encoding(name) {
+                    return Err("an ENCODING whose characters can contain ASCII bytes");
+                }
+            }
+            CopyOption::Freeze(_) => {}
+            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {
+                return Err("FORCE options")
+            }
         }
     }
     for option in legacy {
@@ -2115,11 +2122,11 @@ fn copy_format(
                 }
             }
             CopyLegacyOption::Header => header = true,
-            _ => return Err("options pgveil does not know"),
+            _ => return Err("options pgveil does not model"),
         }
     }
-    Ok(if csv {
-        CopyInFormat::Csv {
+    let format = if csv {
+        CopyFormat::Csv {
             delimiter: delimiter.unwrap_or(b','),
             quote,
             escape: escape.unwrap_or(quote),
@@ -2127,14 +2134,50 @@ fn copy_format(
             header,
         }
     } else {
-        if header {
-            return Err("HEADER in text format");
-        }
-        CopyInFormat::Text {
+        CopyFormat::Text {
             delimiter: delimiter.unwrap_or(b'\t'),
             null: null.unwrap_or_else(|| b"\\N".to_vec()),
+            header,
         }
-    })
+    };
+    // The server refuses such options too; pgveil must not read the data otherwise.
+    format
+        .validate()
+        .map_err(|_| "options the server refuses")?;
+    Ok(format)
+}
+
+/// Whether every byte below 0x80 in text of the encoding `name` is that ASCII
+/// character, so that delimiters, quotes, backslashes and line ends are found in the
+/// bytes. Not so in SJIS, BIG5, GBK, GB18030, UHC and JOHAB, whose second bytes can be
+/// ASCII. Names are compared as PostgreSQL does: letters and digits only, any case. An
+/// unknown name fails the statement at the server.
+pub fn ascii_safe_encoding(name: &str) -> bool {
+    let key: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    !matches!(
+        key.as_str(),
+        "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+            | "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "gb18030"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "johab"
+    )
 }
 
 /// Collects identifiers outside nested queries, and the nested queries themselves.

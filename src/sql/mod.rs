@@ -11,15 +11,52 @@ pub mod encryption;
 
 use std::ops::Range;
 
-use sqlparser::ast::Statement;
+use sqlparser::ast::{CopyTarget, Statement};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
-use sqlparser::tokenizer::{Location, Span};
+use sqlparser::tokenizer::{Location, Span, Token, Tokenizer};
 
 /// The statements of `sql`, or the parser's complaint (which may quote the text, so it
 /// is for logs at debug level only, never for clients).
 pub fn parse(sql: &str) -> Result<Vec<Statement>, String> {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|error| error.to_string())
+    let statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|error| error.to_string())?;
+    let copies_from_stdin = statements.iter().any(|statement| {
+        matches!(
+            statement,
+            Statement::Copy {
+                target: CopyTarget::Stdin,
+                to: false,
+                ..
+            }
+        )
+    });
+    // The parser reads whatever follows `COPY … FROM STDIN;` as the COPY's inline data
+    // (psql dump style), but the server runs it as statements: it must not go unseen.
+    if copies_from_stdin && statement_count(sql)? > statements.len() {
+        return Err("statements follow a COPY … FROM STDIN in the same text".into());
+    }
+    Ok(statements)
+}
+
+/// How many non-empty statements the tokens of `sql` hold, split at semicolons.
+fn statement_count(sql: &str) -> Result<usize, String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+        .tokenize()
+        .map_err(|error| error.to_string())?;
+    let mut count = 0;
+    let mut current_has_tokens = false;
+    for token in tokens {
+        match token {
+            Token::SemiColon => {
+                count += usize::from(current_has_tokens);
+                current_has_tokens = false;
+            }
+            Token::Whitespace(_) | Token::EOF => {}
+            _ => current_has_tokens = true,
+        }
+    }
+    Ok(count + usize::from(current_has_tokens))
 }
 
 /// Converts sqlparser's line/column positions (1-based, columns counted in characters)
@@ -103,6 +140,27 @@ pub fn splice(text: &str, mut edits: Vec<(Range<usize>, String)>) -> Result<Stri
 mod tests {
     use super::*;
     use sqlparser::ast::{Expr, SetExpr, Spanned};
+
+    #[test]
+    fn statements_after_copy_from_stdin_are_not_taken_for_its_data() {
+        for sql in [
+            "COPY t FROM STDIN; SELECT 1",
+            "COPY t FROM STDIN;\nUPDATE u SET a = 'x'\n",
+            "SELECT 1; COPY t FROM STDIN; DELETE FROM u",
+            "COPY t FROM STDIN; /* c */ DROP TABLE u",
+        ] {
+            assert!(parse(sql).is_err(), "{sql}");
+        }
+        for (sql, statements) in [
+            ("COPY t FROM STDIN", 1),
+            ("COPY t FROM STDIN;", 1),
+            ("COPY t FROM STDIN;\n  ", 1),
+            ("COPY t FROM STDIN; -- done", 1),
+            ("SELECT ';'; COPY t FROM STDIN", 2),
+        ] {
+            assert_eq!(parse(sql).map(|s| s.len()), Ok(statements), "{sql}");
+        }
+    }
 
     #[test]
     fn spans_become_byte_offsets_across_lines_and_wide_characters() {

@@ -330,7 +330,7 @@ fn copy_from_stdin_records_the_encrypted_fields_and_format() {
     assert!(copy.fields[0].is_none() && copy.fields[1].is_some() && copy.fields[2].is_none());
     assert!(matches!(
         copy.format,
-        CopyInFormat::Csv {
+        CopyFormat::Csv {
             header: true,
             delimiter: b',',
             ..
@@ -341,12 +341,70 @@ fn copy_from_stdin_records_the_encrypted_fields_and_format() {
     let analysis = ok("COPY customers (id, phone) FROM STDIN CSV HEADER");
     assert!(matches!(
         analysis.copy_in.unwrap().format,
-        CopyInFormat::Csv { header: true, .. }
+        CopyFormat::Csv { header: true, .. }
     ));
+    let analysis = ok("COPY customers (id, phone) FROM STDIN WITH (HEADER, DELIMITER '|')");
     assert_eq!(
-        refused("COPY customers FROM STDIN WITH (FORMAT binary)").sqlstate(),
-        "0A000"
+        analysis.copy_in.unwrap().format,
+        CopyFormat::Text {
+            delimiter: b'|',
+            null: b"\\N".to_vec(),
+            header: true
+        }
     );
+    // A column the table lacks keeps its place (the server fails the COPY).
+    let analysis = ok("COPY customers (nosuch, phone) FROM STDIN");
+    let fields = analysis.copy_in.unwrap().fields;
+    assert!(fields[0].is_none() && fields[1].is_some());
+    for sql in [
+        "COPY customers FROM STDIN WITH (FORMAT binary)",
+        "COPY customers FROM STDIN WITH (ENCODING 'SJIS')",
+        "COPY customers FROM STDIN WITH (ENCODING 'windows-950')",
+        "COPY customers FROM STDIN WITH (FORMAT csv, FORCE_NULL (phone))",
+        "COPY customers FROM STDIN WITH (DELIMITER '\\')",
+        "SELECT 1; COPY customers (phone) FROM STDIN",
+    ] {
+        assert_eq!(refused(sql).sqlstate(), "0A000", "{sql}");
+    }
+    // The parser takes what follows `COPY … FROM STDIN;` for data; the server runs it.
+    for sql in [
+        "COPY customers FROM STDIN; SELECT 1",
+        "COPY other FROM STDIN; UPDATE customers SET phone = '1'",
+        "COPY other FROM STDIN;\n\\N",
+    ] {
+        assert_eq!(refused(sql).sqlstate(), "42501", "{sql}");
+    }
+    assert!(ok("COPY customers FROM STDIN;\n  ").copy_in.is_some());
+    assert!(ok("COPY customers FROM STDIN WITH (ENCODING 'latin1')")
+        .copy_in
+        .is_some());
+}
+
+#[test]
+fn encodings_with_ascii_second_bytes_are_told_apart() {
+    for name in [
+        "SJIS",
+        "Shift_JIS_2004",
+        "BIG5",
+        "GBK",
+        "GB18030",
+        "UHC",
+        "JOHAB",
+        "win932",
+    ] {
+        assert!(!ascii_safe_encoding(name), "{name}");
+    }
+    for name in [
+        "UTF8",
+        "utf-8",
+        "LATIN1",
+        "EUC_JP",
+        "SQL_ASCII",
+        "WIN1252",
+        "KOI8R",
+    ] {
+        assert!(ascii_safe_encoding(name), "{name}");
+    }
 }
 
 #[test]
