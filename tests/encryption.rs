@@ -8,6 +8,7 @@ mod support;
 
 use std::sync::OnceLock;
 
+use futures_util::SinkExt;
 use support::{cluster, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -496,4 +497,323 @@ async fn a_statement_prepared_before_a_policy_encrypted_its_column_must_be_prepa
     let raw = stored("702").await;
     assert!(!raw.contains("secret note"), "{raw}");
     assert!(raw.contains("\"note\":\"pgv1:"), "{raw}");
+}
+
+/// Asserts that none of `plaintexts` is stored anywhere in rows `ids`, and that every
+/// encrypted column of those rows that is not NULL holds an envelope.
+async fn assert_stored_encrypted(ids: &str, plaintexts: &[&str]) {
+    let stored = stored(ids).await;
+    assert!(!stored.is_empty(), "rows {ids} exist");
+    for plaintext in plaintexts {
+        assert!(
+            !stored.contains(plaintext),
+            "{plaintext:?} is stored in plaintext: {stored}"
+        );
+    }
+    let direct = cluster().direct().await;
+    let unencrypted: i64 = direct
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM accounts, unnest(ARRAY[id_card, phone, balance, opened, score]) v \
+                 WHERE id IN ({ids}) AND v IS NOT NULL AND v NOT LIKE 'pgv1:%'"
+            ),
+            &[],
+        )
+        .await
+        .expect("direct count")
+        .get(0);
+    assert_eq!(
+        unencrypted, 0,
+        "every encrypted value of rows {ids} is an envelope"
+    );
+}
+
+/// psql (verbose errors) through pgveil running `\copy target FROM` a file holding
+/// `data` `options`.
+fn psql_copy(
+    proxy: &Proxy,
+    target: &str,
+    options: &str,
+    data: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let file = tempfile_with(data);
+    let output = proxy.psql_env(
+        "enc_billing",
+        [
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            &format!("\\copy {target} FROM '{}' {options}", file.display()),
+        ],
+        env,
+    );
+    let _ = std::fs::remove_file(file);
+    output
+}
+
+fn tempfile_with(data: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "pgveil-copy-{}-{}.data",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::write(&path, data).expect("copy data file");
+    path
+}
+
+#[tokio::test]
+async fn copy_from_stdin_stores_every_encrypted_field_as_ciphertext() {
+    let proxy = proxy(&[("k1", KEY1)]);
+    let billing = proxy.connect("enc_billing").await;
+    billing
+        .simple_query("DELETE FROM accounts WHERE id BETWEEN 900 AND 999")
+        .await
+        .expect("clean");
+
+    // Text format through psql's \copy (simple protocol): escapes in encrypted and
+    // plain fields, NULLs, a tab inside a plain field.
+    let text = format!(
+        "901\tZhang\\tSan\t\\x31\\x311010519900101123\\x34\t{PHONE}\t12.50\t2024-02-29\t-7\tplain note\n\
+         902\tLi\t320102198805052345\t\\N\t0.10\t\\N\t42\t\\N\n"
+    );
+    let output = psql_copy(
+        &proxy,
+        "accounts (id, name, id_card, phone, balance, opened, score, note)",
+        "",
+        &text,
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "text \\copy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // CSV with a header, quoted fields, a line break and a delimiter inside quotes, and
+    // fields in another order.
+    let csv = format!(
+        "score,id,phone,name,id_card,note\n\
+         5,903,\"{PHONE}\",\"Wang, \"\"the elder\"\"\",440106197712123456,\"two\nlines\"\n\
+         6,904,,Zhao,\"{ID_CARD}\",\n"
+    );
+    let output = psql_copy(
+        &proxy,
+        "accounts (score, id, phone, name, id_card, note)",
+        "WITH (FORMAT csv, HEADER)",
+        &csv,
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "csv \\copy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Extended protocol (tokio-postgres copy_in): rows split across CopyData messages
+    // at every awkward place.
+    let mut data = String::new();
+    for id in 910..960 {
+        data.push_str(&format!(
+            "{id}\tBulk {id}\t1101051990010{id:05}\t139{id:08}\t{id}.25\t2023-01-{:02}\t{id}\n",
+            id % 28 + 1
+        ));
+    }
+    let sink = billing
+        .copy_in("COPY accounts (id, name, id_card, phone, balance, opened, score) FROM STDIN")
+        .await
+        .expect("copy_in");
+    futures_util::pin_mut!(sink);
+    for chunk in data.as_bytes().chunks(37) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .expect("send");
+    }
+    assert_eq!(sink.finish().await.expect("finish"), 50);
+
+    // Around pgveil: ciphertext only.
+    assert_stored_encrypted(
+        "901, 902, 903, 904, 910, 935, 959",
+        &[
+            ID_CARD,
+            PHONE,
+            "11101051990010",
+            "320102198805052345",
+            "440106197712123456",
+            "2024-02-29",
+            "12.5",
+            "13900000935",
+            "1101051990010009",
+        ],
+    )
+    .await;
+    // The plain fields arrived exactly as sent.
+    let direct = cluster().direct().await;
+    let plain = direct
+        .query(
+            "SELECT id, name, note FROM accounts WHERE id IN (901, 902, 903, 904) ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("plain fields");
+    let plain: Vec<(i32, Option<String>, Option<String>)> = plain
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        plain,
+        [
+            (901, Some("Zhang\tSan".into()), Some("plain note".into())),
+            (902, Some("Li".into()), None),
+            (
+                903,
+                Some("Wang, \"the elder\"".into()),
+                Some("two\nlines".into())
+            ),
+            (904, Some("Zhao".into()), None),
+        ]
+    );
+
+    // Through pgveil: the values as loaded, and deterministic lookups find them (the
+    // text-format escapes were decoded before encryption).
+    assert_eq!(
+        rows(
+            &billing,
+            "SELECT id, id_card, phone, balance, opened, score FROM accounts \
+             WHERE id IN (901, 902, 903, 904) ORDER BY id"
+        )
+        .await
+        .expect("read back"),
+        [
+            vec![
+                Some("901".into()),
+                Some("1110105199001011234".into()),
+                Some(PHONE.into()),
+                Some("12.5".into()),
+                Some("2024-02-29".into()),
+                Some("-7".into()),
+            ],
+            vec![
+                Some("902".into()),
+                Some("320102198805052345".into()),
+                None,
+                Some("0.1".into()),
+                None,
+                Some("42".into()),
+            ],
+            vec![
+                Some("903".into()),
+                Some("440106197712123456".into()),
+                Some(PHONE.into()),
+                None,
+                None,
+                Some("5".into()),
+            ],
+            vec![
+                Some("904".into()),
+                Some(ID_CARD.into()),
+                None,
+                None,
+                None,
+                Some("6".into()),
+            ],
+        ]
+    );
+    let found = rows(
+        &billing,
+        "SELECT id FROM accounts WHERE id_card = '1110105199001011234' OR balance = '935.250'",
+    )
+    .await
+    .expect("lookup");
+    let mut found: Vec<i64> = found
+        .iter()
+        .filter_map(|r| r[0].as_deref()?.parse().ok())
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found, [901, 935]);
+    let bulk: Vec<tokio_postgres::Row> = billing
+        .query(
+            "SELECT score, opened FROM accounts WHERE id BETWEEN 910 AND 959 ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("bulk read");
+    assert_eq!(bulk.len(), 50);
+    assert_eq!(bulk[25].get::<_, i32>(0), 935);
+}
+
+#[tokio::test]
+async fn copy_from_stdin_that_pgveil_cannot_encrypt_stores_nothing() {
+    let proxy = proxy(&[("k1", KEY1)]);
+    let billing = proxy.connect("enc_billing").await;
+    billing
+        .simple_query("DELETE FROM accounts WHERE id BETWEEN 800 AND 899")
+        .await
+        .expect("clean");
+    let columns = "accounts (id, id_card, score)";
+    let failing = [
+        // Not an int4 for the encrypted score: the client sees the type's error.
+        ("801\t1\t12\n802\t2\tabc\n", "22P02"),
+        // A field too many, and one too few.
+        ("803\t1\t2\t3\n", "22P04"),
+        ("804\t1\n", "22P04"),
+        // A stray carriage return the server would also refuse.
+        ("805\t1\r2\t3\n", "22P04"),
+    ];
+    for (data, expected) in failing {
+        let output = psql_copy(&proxy, columns, "", data, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{data:?} was refused");
+        assert!(stderr.contains("pgveil"), "{data:?}: {stderr}");
+        assert!(stderr.contains(expected), "{data:?}: {stderr}");
+        assert!(!stderr.contains("abc"), "the value is not echoed: {stderr}");
+    }
+    // Unsupported forms are refused before anything is read.
+    for (options, env) in [
+        ("WITH (FORMAT binary)", &[][..]),
+        ("", &[("PGCLIENTENCODING", "SJIS")][..]),
+    ] {
+        let output = psql_copy(&proxy, columns, options, "806\t1\t2\n", env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("0A000"), "{options} {env:?}: {stderr}");
+    }
+
+    // Extended protocol: a bad value in the middle of the stream fails the COPY and
+    // the session goes on.
+    let sink = billing
+        .copy_in("COPY accounts (id, id_card, score) FROM STDIN")
+        .await
+        .expect("copy_in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"810\t1\t1\n811\t2\t"))
+        .await
+        .expect("send");
+    sink.send(bytes::Bytes::from_static(b"2.5\n812\t3\t3\n"))
+        .await
+        .expect("send");
+    let error = sink.finish().await.expect_err("refused");
+    assert_eq!(sqlstate(&error), "22P02", "{error:?}");
+    let message = error.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("pgveil") && m.contains("line 2")),
+        "{message:?}"
+    );
+
+    let stored: i64 = cluster()
+        .direct()
+        .await
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE id BETWEEN 800 AND 899",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(stored, 0, "no refused COPY stored a row");
+    assert_eq!(
+        rows(&billing, "SELECT 1").await.expect("session usable"),
+        [vec![Some("1".into())]]
+    );
 }

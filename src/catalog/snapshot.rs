@@ -457,7 +457,7 @@ async fn load_encrypted_relations(
     let rows = client
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind IN ('v', 'm'), \
-                    a.attnum, a.attname::text, a.atthasdef \
+                    a.attnum, a.attname::text, a.atthasdef, a.attgenerated <> '' \
                FROM pg_catalog.pg_class c \
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
@@ -494,6 +494,7 @@ async fn load_encrypted_relations(
                 name: get(row, 5, what)?,
                 content: encryption_content(policy, snapshot.columns.get(&(oid, attnum))),
                 has_default: get(row, 6, what)?,
+                generated: get(row, 7, what)?,
             });
         }
     }

@@ -173,11 +173,8 @@ impl SessionAudit {
 
     /// `SET application_name` shows up as a ParameterStatus.
     fn parameter_status(&mut self, body: &[u8]) {
-        let mut parts = body.split(|&b| b == 0);
-        if parts.next() == Some(b"application_name") {
-            if let Some(value) = parts.next() {
-                self.application_name = String::from_utf8_lossy(value).into_owned();
-            }
+        if let Some(value) = crate::wire::messages::parameter_status(body, b"application_name") {
+            self.application_name = String::from_utf8_lossy(value).into_owned();
         }
     }
 }

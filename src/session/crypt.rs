@@ -14,18 +14,22 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::copy_in::{CopyStream, EncryptedField};
 use super::state::SessionState;
 use crate::engine::Protection;
 use crate::observe::metrics::DenyReason;
 use crate::policy::{ColumnId, Policy};
 use crate::protect::column_crypto::ColumnCrypto;
 use crate::sql::encryption::{
-    analyse, Analysis, CopyIn, Edit, Knowledge, Operand, ParamUse, RefusalKind,
+    analyse, ascii_safe_encoding, Analysis, CopyIn, Edit, Knowledge, Operand, ParamUse, RefusalKind,
 };
 use crate::wire::bind::{
     decode_parameter_description, encode_bind, encode_parameter_description, encode_parse, Bind,
 };
-use crate::wire::messages::{BindNames, MalformedMessage, Parse, Target, TargetName};
+use crate::wire::frame::encode_frame;
+use crate::wire::messages::{
+    execute_portal, BindNames, MalformedMessage, Parse, Target, TargetName,
+};
 
 /// Why a client request is refused before the server sees it.
 #[derive(Debug, Clone)]
@@ -45,6 +49,14 @@ pub enum ClientAction {
     Replace(Vec<u8>),
     Refuse(Box<WriteRefusal>),
     Drop,
+    /// The COPY's data cannot go on: send the server a CopyFail instead (`frame`), and
+    /// show the client the refusal in place of the server's error for `request`.
+    FailCopy {
+        frame: Vec<u8>,
+        refusal: Box<WriteRefusal>,
+        request: u64,
+        statement: Vec<u8>,
+    },
 }
 
 /// What pgveil did to a prepared statement, for its Binds and Describes.
@@ -60,11 +72,37 @@ struct StatementPlan {
     extras: Vec<(u32, usize)>,
     /// How many parameters the client knows of.
     client_params: usize,
+    /// A COPY … FROM STDIN into encrypted columns: its rows are rewritten.
+    copy: Option<Arc<CopyPlan>>,
 }
 
-#[derive(Debug, Default)]
+/// A COPY … FROM STDIN into encrypted columns, as prepared.
+#[derive(Debug)]
+struct CopyPlan {
+    copy: CopyIn,
+    statement: Vec<u8>,
+}
+
+#[derive(Debug)]
 pub struct SessionCrypto {
     statements: HashMap<Bytes, Arc<StatementPlan>>,
+    /// Portals bound from a COPY … FROM STDIN into encrypted columns.
+    copy_portals: HashMap<Bytes, Arc<CopyPlan>>,
+    /// The COPY whose data the client is sending, when its rows need rewriting.
+    copy: Option<CopyStream>,
+    /// The session's `client_encoding`, as the server last reported it.
+    client_encoding: String,
+}
+
+impl Default for SessionCrypto {
+    fn default() -> Self {
+        SessionCrypto {
+            statements: HashMap::new(),
+            copy_portals: HashMap::new(),
+            copy: None,
+            client_encoding: "UTF8".into(),
+        }
+    }
 }
 
 fn refusal(
@@ -112,7 +150,7 @@ fn crypto_of(
         .ok_or_else(|| unusable(protection, column))
 }
 
-fn value_refusal(
+pub(super) fn value_refusal(
     protection: &Protection,
     column: ColumnId,
     error: impl std::fmt::Display,
@@ -164,21 +202,6 @@ fn seal_every(
     crypto
         .seal_under_every_key(canonical)
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
-}
-
-/// COPY … FROM STDIN into encrypted columns is refused until pgveil encrypts its rows.
-fn copy_not_supported(protection: &Protection, copy: &CopyIn) -> Box<WriteRefusal> {
-    let column = copy.fields.iter().flatten().next().copied();
-    refusal(
-        "0A000",
-        DenyReason::WriteRefused,
-        column,
-        format!(
-            "pgveil: COPY … FROM STDIN into encrypted column {} is not supported yet",
-            column.map_or_else(|| "?".to_string(), |c| protection.policy.column_label(c))
-        ),
-        "load the rows with INSERT (prepared, batched), which pgveil encrypts",
-    )
 }
 
 /// Analyses `sql`; `None` when it names no relation with encrypted columns.
@@ -307,24 +330,169 @@ impl SessionCrypto {
         tag: u8,
         body: &[u8],
     ) -> Result<ClientAction, MalformedMessage> {
+        if self.copy.is_some() && !matches!(tag, b'd' | b'c' | b'f' | b'H' | b'S') {
+            // The COPY ended before its data did (it failed at the server, which then
+            // ignores the rest): what follows is not its data.
+            self.copy = None;
+        }
         Ok(match tag {
-            b'Q' => self.on_query(protection, body),
+            b'Q' => self.on_query(protection, state, body),
             b'P' => self.on_parse(protection, body)?,
             b'B' => self.on_bind(protection, state, body)?,
+            b'E' => {
+                let portal = execute_portal(body)?;
+                match self.copy_portals.get(portal).cloned() {
+                    Some(plan) => {
+                        match self.begin_copy(protection, state, &plan.copy, &plan.statement) {
+                            Ok(()) => ClientAction::Forward,
+                            Err(refused) => ClientAction::Refuse(refused),
+                        }
+                    }
+                    None => ClientAction::Forward,
+                }
+            }
             b'C' => {
                 let target = TargetName::decode("Close", body)?;
-                if target.target == Target::Statement {
-                    self.statements.remove(target.name);
-                }
+                match target.target {
+                    Target::Statement => self.statements.remove(target.name),
+                    Target::Portal => {
+                        self.copy_portals.remove(target.name);
+                        None
+                    }
+                };
                 ClientAction::Forward
             }
+            b'd' => self.on_copy_data(protection, body),
+            b'c' => self.on_copy_done(protection),
+            b'f' => match self.copy.take() {
+                // pgveil already failed it.
+                Some(stream) if stream.failed => ClientAction::Drop,
+                _ => ClientAction::Forward,
+            },
             _ => ClientAction::Forward,
         })
     }
 
-    fn on_query(&mut self, protection: &Protection, body: &[u8]) -> ClientAction {
+    /// Whether client CopyData must be inspected: a COPY into encrypted columns is
+    /// sending its rows.
+    pub fn rewrites_copy_data(&self) -> bool {
+        self.copy.is_some()
+    }
+
+    /// Follows ParameterStatus messages for `client_encoding`.
+    pub fn client_encoding_reported(&mut self, encoding: &str) {
+        self.client_encoding = encoding.to_string();
+    }
+
+    /// Starts rewriting the rows of a COPY that is about to be sent (its Query or
+    /// Execute).
+    fn begin_copy(
+        &mut self,
+        protection: &Protection,
+        state: &SessionState,
+        copy: &CopyIn,
+        statement: &[u8],
+    ) -> Result<(), Box<WriteRefusal>> {
+        let first = copy.fields.iter().flatten().next().copied();
+        if state.executions_pending() {
+            // An earlier statement could still change client_encoding, or fail and
+            // leave pgveil unsure which COPY the data belongs to.
+            return Err(refusal(
+                "0A000",
+                DenyReason::WriteRefused,
+                first,
+                "pgveil: a COPY … FROM STDIN into encrypted columns must wait for the answers to earlier statements",
+                "send the COPY once the statements before it have completed",
+            ));
+        }
+        let fields = copy
+            .fields
+            .iter()
+            .map(|field| match field {
+                Some(column) => {
+                    crypto_of(protection, *column).map(|crypto| Some((*column, crypto.clone())))
+                }
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<EncryptedField>, _>>()?;
+        self.copy = Some(CopyStream::new(
+            state.executions_sent(),
+            statement.to_vec(),
+            fields,
+            copy.format.clone(),
+        ));
+        Ok(())
+    }
+
+    fn on_copy_data(&mut self, protection: &Protection, body: &[u8]) -> ClientAction {
+        let Some(stream) = self.copy.as_mut() else {
+            return ClientAction::Forward;
+        };
+        if stream.failed {
+            return ClientAction::Drop;
+        }
+        match stream.data(protection, body) {
+            Ok(rows) if rows.is_empty() => ClientAction::Drop,
+            Ok(rows) => {
+                let mut frame = Vec::with_capacity(rows.len() + 5);
+                encode_frame(&mut frame, b'd', &rows);
+                ClientAction::Replace(frame)
+            }
+            Err(refused) => fail_copy(stream, refused),
+        }
+    }
+
+    fn on_copy_done(&mut self, protection: &Protection) -> ClientAction {
+        let Some(mut stream) = self.copy.take() else {
+            return ClientAction::Forward;
+        };
+        if stream.failed {
+            return ClientAction::Drop;
+        }
+        match stream.done(protection) {
+            Ok(rows) => {
+                let mut frames = Vec::with_capacity(rows.len() + 10);
+                if !rows.is_empty() {
+                    encode_frame(&mut frames, b'd', &rows);
+                }
+                encode_frame(&mut frames, b'c', b"");
+                ClientAction::Replace(frames)
+            }
+            Err(refused) => fail_copy(&mut stream, refused),
+        }
+    }
+
+    /// The statement's analysis; a refusal when the session's `client_encoding` lets
+    /// ASCII bytes stand inside characters, where pgveil could misread the text.
+    fn analysed(
+        &self,
+        protection: &Protection,
+        sql: &[u8],
+    ) -> Result<Option<Analysis>, Box<WriteRefusal>> {
+        let analysis = analysis_of(protection, sql)?;
+        if analysis.is_some() && !ascii_safe_encoding(&self.client_encoding) {
+            return Err(refusal(
+                "0A000",
+                DenyReason::WriteRefused,
+                None,
+                format!(
+                    "pgveil: statements touching encrypted columns are not supported with client_encoding {}",
+                    self.client_encoding
+                ),
+                "use client_encoding UTF8 (or another encoding whose multibyte characters contain no ASCII bytes)",
+            ));
+        }
+        Ok(analysis)
+    }
+
+    fn on_query(
+        &mut self,
+        protection: &Protection,
+        state: &SessionState,
+        body: &[u8],
+    ) -> ClientAction {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
-        let analysis = match analysis_of(protection, sql) {
+        let analysis = match self.analysed(protection, sql) {
             Ok(None) => return ClientAction::Forward,
             Ok(Some(analysis)) => analysis,
             Err(refused) => return ClientAction::Refuse(refused),
@@ -340,7 +508,11 @@ impl SessionCrypto {
             ));
         }
         if let Some(copy) = &analysis.copy_in {
-            return ClientAction::Refuse(copy_not_supported(protection, copy));
+            // A COPY is a statement of its own (see `analyse`): nothing to rewrite.
+            return match self.begin_copy(protection, state, copy, sql) {
+                Ok(()) => ClientAction::Forward,
+                Err(refused) => ClientAction::Refuse(refused),
+            };
         }
         if analysis.edits.is_empty() {
             return ClientAction::Forward;
@@ -368,7 +540,7 @@ impl SessionCrypto {
     ) -> Result<ClientAction, MalformedMessage> {
         let parse = Parse::decode(body)?;
         let name = Bytes::copy_from_slice(parse.statement);
-        let analysis = match analysis_of(protection, parse.query) {
+        let analysis = match self.analysed(protection, parse.query) {
             Ok(None) => {
                 // Nothing to encrypt under this policy; remembered so a Bind after a
                 // policy change knows to look again.
@@ -379,6 +551,7 @@ impl SessionCrypto {
                         params: Vec::new(),
                         extras: Vec::new(),
                         client_params: 0,
+                        copy: None,
                     }),
                 );
                 return Ok(ClientAction::Forward);
@@ -390,8 +563,13 @@ impl SessionCrypto {
             }
         };
         if let Some(copy) = &analysis.copy_in {
-            self.statements.remove(&name);
-            return Ok(ClientAction::Refuse(copy_not_supported(protection, copy)));
+            // Its columns must have ciphers now, not only when it runs.
+            for column in copy.fields.iter().flatten() {
+                if let Err(refused) = crypto_of(protection, *column) {
+                    self.statements.remove(&name);
+                    return Ok(ClientAction::Refuse(refused));
+                }
+            }
         }
         let client_params = (analysis.highest_param as usize).max(parse.parameter_types.len());
         let mut next_param = client_params as u32 + 1;
@@ -413,6 +591,12 @@ impl SessionCrypto {
             params: analysis.params.clone(),
             extras,
             client_params,
+            copy: analysis.copy_in.clone().map(|copy| {
+                Arc::new(CopyPlan {
+                    copy,
+                    statement: parse.query.to_vec(),
+                })
+            }),
         };
         // The server infers the type of an encrypted parameter from its column (text
         // or bytea); the type the client declared is the logical one.
@@ -448,6 +632,8 @@ impl SessionCrypto {
         body: &[u8],
     ) -> Result<ClientAction, MalformedMessage> {
         let names = BindNames::decode(body)?;
+        // The portal is this Bind's from now on.
+        self.copy_portals.remove(names.portal);
         let plan = match self.statements.get(names.statement) {
             Some(plan) if Arc::ptr_eq(&plan.policy, &protection.policy) => plan.clone(),
             // Prepared before the running policy: it may now bind values of columns
@@ -467,6 +653,10 @@ impl SessionCrypto {
                 return Ok(ClientAction::Forward);
             }
         };
+        if let Some(copy) = &plan.copy {
+            self.copy_portals
+                .insert(Bytes::copy_from_slice(names.portal), copy.clone());
+        }
         if plan.params.is_empty() && plan.extras.is_empty() {
             return Ok(ClientAction::Forward);
         }
@@ -564,5 +754,19 @@ impl SessionCrypto {
         }
         types.truncate(plan.client_params);
         Ok(Some(encode_parameter_description(&types)))
+    }
+}
+
+/// Fails the COPY `stream`: the server gets a CopyFail, and the client's further data
+/// for it is dropped.
+fn fail_copy(stream: &mut CopyStream, refusal: Box<WriteRefusal>) -> ClientAction {
+    stream.failed = true;
+    let mut frame = Vec::new();
+    encode_frame(&mut frame, b'f', b"pgveil refused the COPY data\0");
+    ClientAction::FailCopy {
+        frame,
+        refusal,
+        request: stream.request,
+        statement: stream.statement.clone(),
     }
 }

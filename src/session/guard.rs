@@ -18,7 +18,7 @@ use prometheus::IntCounter;
 use thiserror::Error;
 use tracing::{debug, info};
 
-use super::crypt::{ClientAction, SessionCrypto};
+use super::crypt::{ClientAction, SessionCrypto, WriteRefusal};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
@@ -34,8 +34,8 @@ use crate::sqltext::{may_modify_data, runs_another_statement};
 use crate::wire::bind::{encode_bind, encode_parse};
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
-    command_tag, error_is_fatal, execute_portal, scrub_report, BindNames, ErrorReport,
-    MalformedMessage, Parse, Severity, TransactionStatus,
+    command_tag, error_is_fatal, execute_portal, parameter_status, scrub_report, BindNames,
+    ErrorReport, MalformedMessage, Parse, Severity, TransactionStatus,
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, encode_row_description,
@@ -685,26 +685,32 @@ impl ReadGuard {
             ClientAction::Forward => None,
             ClientAction::Replace(frame) => Some(Verdict::Replace(frame)),
             ClientAction::Drop => Some(Verdict::Drop),
+            ClientAction::FailCopy {
+                frame,
+                refusal,
+                request,
+                statement,
+            } => {
+                let refusal = self.refusal_of(&refusal);
+                // The server answers the CopyFail with an error for the COPY's request.
+                self.substituted.push_back((request, refusal, statement));
+                Some(Verdict::Replace(frame))
+            }
             ClientAction::Refuse(refused) => {
-                let mut refusal = denied(
-                    refused.reason,
-                    refused.column.map_or_else(
-                        || UNKNOWN_TABLE.to_string(),
-                        |c| self.protection.policy.table_label(c),
-                    ),
-                    refused.sqlstate,
-                    refused.message,
-                    &refused.hint,
-                );
-                if let Some(column) = refused.column {
-                    refusal = refusal.about(&self.protection.policy, column);
-                }
+                let refusal = self.refusal_of(&refused);
                 Some(match tag {
-                    b'Q' => {
-                        let statement = body.strip_suffix(b"\0").unwrap_or(body).to_vec();
+                    b'Q' | b'E' => {
+                        let statement = if tag == b'Q' {
+                            body.strip_suffix(b"\0").unwrap_or(body).to_vec()
+                        } else {
+                            self.sent
+                                .portal_statement(execute_portal(body)?)
+                                .and_then(|sent| sent.text.as_deref())
+                                .map_or_else(|| b"<execute>".to_vec(), <[u8]>::to_vec)
+                        };
                         self.substituted
                             .push_back((state.executions_sent(), refusal, statement));
-                        Verdict::Substitute(failing_request(b'Q'))
+                        Verdict::Substitute(failing_request(tag))
                     }
                     _ => {
                         let mut marker = REFUSED_MARKER.to_vec();
@@ -725,6 +731,36 @@ impl ReadGuard {
                 })
             }
         })
+    }
+
+    /// The refusal shown for a request the write path refused.
+    fn refusal_of(&self, refused: &WriteRefusal) -> Box<Refusal> {
+        let mut refusal = denied(
+            refused.reason,
+            refused.column.map_or_else(
+                || UNKNOWN_TABLE.to_string(),
+                |c| self.protection.policy.table_label(c),
+            ),
+            refused.sqlstate,
+            refused.message.clone(),
+            &refused.hint,
+        );
+        if let Some(column) = refused.column {
+            refusal = refusal.about(&self.protection.policy, column);
+        }
+        refusal
+    }
+
+    /// Whether client CopyData must be inspected (a COPY into encrypted columns).
+    pub fn rewrites_copy_data(&self) -> bool {
+        self.crypto.rewrites_copy_data()
+    }
+
+    /// The session's `client_encoding` as the server reported it at startup.
+    pub fn client_encoding_reported(&mut self, encoding: Option<&str>) {
+        if let Some(encoding) = encoding {
+            self.crypto.client_encoding_reported(encoding);
+        }
     }
 
     /// The refusal of a Parse or Bind pgveil replaced, when the server's error answers
@@ -754,6 +790,12 @@ impl ReadGuard {
         tag: u8,
         body: &[u8],
     ) -> Result<Verdict, GuardError> {
+        if tag == b'S' {
+            if let Some(encoding) = parameter_status(body, b"client_encoding") {
+                self.crypto
+                    .client_encoding_reported(&String::from_utf8_lossy(encoding));
+            }
+        }
         let verdict = self.decide(state, tag, body)?;
         if verdict == Verdict::Forward && matches!(tag, b'E' | b'N') && !self.unrestricted() {
             // "Key (id_card)=(…) already exists", "invalid input syntax for type

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod cancel;
 pub mod conn;
+pub mod copy_in;
 pub mod crypt;
 pub mod guard;
 pub mod negotiate;
@@ -35,7 +36,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::observe::audit_log::AuditLog;
 use crate::wire::messages::{ErrorReport, Severity};
-use crate::wire::startup::{CancelKey, StartupError};
+use crate::wire::startup::StartupError;
 use audit::SessionAudit;
 use cancel::CancelRegistry;
 use conn::Framed;
@@ -299,7 +300,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 .map(|u| String::from_utf8_lossy(u).into_owned())
                 .unwrap_or_default();
             debug!(%peer, %user, "session starting");
-            let (upstream, upstream_address, cancel_key) =
+            let (upstream, upstream_address, established) =
                 match authenticate(&mut client, &startup, &ctx, deadline, startup_limit).await {
                     Ok(Some(ready)) => ready,
                     Ok(None) => return,
@@ -310,6 +311,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                         return;
                     }
                 };
+            let cancel_key = established.cancel_key;
             let _registration = cancel_key.map(|key| ctx.cancels.register(key, upstream_address));
             let database = startup
                 .parameter(b"database")
@@ -334,7 +336,10 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ProxyCon
                 None => None,
                 Some(engine) => {
                     match read_guard(engine, database, user.clone(), ctx.audit.clone()).await {
-                        Ok(guard) => Some(guard),
+                        Ok(mut guard) => {
+                            guard.client_encoding_reported(established.client_encoding.as_deref());
+                            Some(guard)
+                        }
                         Err(error) => {
                             warn!(%peer, %user, %error, "session refused: policy unavailable");
                             tell_client(&mut client.conn, &error).await;
@@ -431,12 +436,12 @@ async fn authenticate(
     ctx: &ProxyContext,
     deadline: tokio::time::Instant,
     startup_limit: Duration,
-) -> Result<Option<(Framed, SocketAddr, Option<CancelKey>)>, SessionError> {
+) -> Result<Option<(Framed, SocketAddr, upstream::Established)>, SessionError> {
     let exchange = async {
         let (mut upstream, upstream_address) = upstream::connect(ctx).await?;
         let outcome = upstream::relay_authentication(client, &mut upstream, startup).await?;
         Ok::<_, SessionError>(match outcome {
-            AuthOutcome::Ready(key) => Some((upstream, upstream_address, key)),
+            AuthOutcome::Ready(established) => Some((upstream, upstream_address, established)),
             AuthOutcome::Ended => None,
         })
     };

@@ -134,9 +134,18 @@ impl Shared {
 
     fn disposition(&self, direction: Direction, tag: u8) -> Disposition {
         match direction {
+            // CopyData of a COPY into encrypted columns: its rows are rewritten.
+            Direction::ClientToServer
+                if tag == b'd' && self.guard.as_ref().is_some_and(|g| g.rewrites_copy_data()) =>
+            {
+                Disposition::Inspect
+            }
             Direction::ClientToServer => self.state.client_disposition(tag),
-            // ParameterStatus: the audit log follows `SET application_name`.
-            Direction::ServerToClient if tag == b'S' && self.audit.is_some() => {
+            // ParameterStatus: the audit log follows `SET application_name`, the write
+            // path `client_encoding`.
+            Direction::ServerToClient
+                if tag == b'S' && (self.audit.is_some() || self.guard.is_some()) =>
+            {
                 Disposition::Inspect
             }
             Direction::ServerToClient => {
@@ -403,11 +412,16 @@ impl Pump {
                         Verdict::Forward | Verdict::DescribeFirst(_) => {
                             shared.state.on_client_message(header.tag, body)?;
                         }
-                        // The server sees the substitute or the rewritten message: so
-                        // must the session state.
-                        Verdict::Substitute(frame) | Verdict::Replace(frame) => {
-                            let substitute = frame.get(HEADER_LEN..).unwrap_or_default();
-                            shared.state.on_client_message(header.tag, substitute)?;
+                        // The server sees the substitute or the rewritten messages
+                        // (a CopyData may become a CopyFail): so must the session state.
+                        Verdict::Substitute(frames) | Verdict::Replace(frames) => {
+                            let mut rest = &frames[..];
+                            while let Some(sent) = FrameHeader::parse(rest)? {
+                                let total = sent.frame_len();
+                                let body = rest.get(HEADER_LEN..total).unwrap_or_default();
+                                shared.state.on_client_message(sent.tag, body)?;
+                                rest = rest.get(total..).unwrap_or_default();
+                            }
                         }
                         _ => {}
                     }

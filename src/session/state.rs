@@ -215,6 +215,18 @@ impl SessionState {
         self.executions_sent
     }
 
+    /// Whether a Query, Execute or FunctionCall sent earlier is still unanswered.
+    pub fn executions_pending(&self) -> bool {
+        self.pending.iter().any(|expected| {
+            matches!(
+                expected,
+                Expected::SimpleQuery { .. }
+                    | Expected::ExecuteResult { .. }
+                    | Expected::FunctionCallResult { .. }
+            )
+        })
+    }
+
     pub fn transaction_status(&self) -> TransactionStatus {
         self.transaction
     }

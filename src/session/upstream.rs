@@ -96,10 +96,19 @@ pub async fn connect(ctx: &ProxyContext) -> Result<(Framed, SocketAddr), Session
 
 /// How the authentication exchange ended.
 pub enum AuthOutcome {
-    /// Authenticated; the server sent ReadyForQuery. Carries the backend's cancel key.
-    Ready(Option<CancelKey>),
+    /// Authenticated; the server sent ReadyForQuery.
+    Ready(Established),
     /// The server refused (its error was forwarded) or the client left.
     Ended,
+}
+
+/// What the server said about a session it accepted.
+#[derive(Debug, Default)]
+pub struct Established {
+    /// The backend's cancel key.
+    pub cancel_key: Option<CancelKey>,
+    /// The `client_encoding` its ParameterStatus reported.
+    pub client_encoding: Option<String>,
 }
 
 /// Sends the startup message upstream and relays everything up to the first
@@ -117,7 +126,7 @@ pub async fn relay_authentication(
     }
     upstream.write_all(&startup.encode_v3_0()).await?;
 
-    let mut cancel_key = None;
+    let mut established = Established::default();
     loop {
         let Some((tag, body)) = upstream.read_message(MAX_SERVER_STARTUP_MESSAGE).await? else {
             return Err(SessionError::UpstreamClosed);
@@ -174,12 +183,12 @@ pub async fn relay_authentication(
             b'K' => {
                 let (process_id, secret) = backend_key_data(&body)
                     .map_err(|e| SessionError::UpstreamProtocol(e.to_string()))?;
-                cancel_key = Some(CancelKey { process_id, secret });
+                established.cancel_key = Some(CancelKey { process_id, secret });
                 client.write_message(tag, &body).await?;
             }
             b'Z' => {
                 client.write_message(tag, &body).await?;
-                return Ok(AuthOutcome::Ready(cancel_key));
+                return Ok(AuthOutcome::Ready(established));
             }
             b'E' => {
                 client.write_message(tag, &body).await?;
@@ -187,8 +196,15 @@ pub async fn relay_authentication(
                     return Ok(AuthOutcome::Ended);
                 }
             }
-            // ParameterStatus, NoticeResponse, NegotiateProtocolVersion and anything
-            // newer pass unchanged.
+            b'S' => {
+                if let Some(value) =
+                    crate::wire::messages::parameter_status(&body, b"client_encoding")
+                {
+                    established.client_encoding = Some(String::from_utf8_lossy(value).into_owned());
+                }
+                client.write_message(tag, &body).await?
+            }
+            // NoticeResponse, NegotiateProtocolVersion and anything newer pass unchanged.
             _ => client.write_message(tag, &body).await?,
         }
     }

@@ -64,6 +64,8 @@ pub struct RelationColumn {
     pub name: String,
     pub content: Content,
     pub has_default: bool,
+    /// A generated column: COPY without a column list leaves it out.
+    pub generated: bool,
 }
 
 /// A relation with encrypted columns (or a view showing them), with every live column
@@ -1923,7 +1925,12 @@ impl Walker<'_, '_> {
             },
         };
         let fields: Vec<Option<&RelationColumn>> = if columns.is_empty() {
-            relation.columns.iter().map(Some).collect()
+            relation
+                .columns
+                .iter()
+                .filter(|c| !c.generated)
+                .map(Some)
+                .collect()
         } else {
             // A column the relation lacks fails the COPY at the server, which then
             // ignores the data; it keeps its place so the fields stay aligned.

@@ -84,7 +84,8 @@ impl CopyFormat {
         }
     }
 
-    fn delimiter(&self) -> u8 {
+    /// The byte between fields.
+    pub fn delimiter(&self) -> u8 {
         match self {
             CopyFormat::Text { delimiter, .. } | CopyFormat::Csv { delimiter, .. } => *delimiter,
         }

@@ -121,6 +121,15 @@ impl TransactionStatus {
     }
 }
 
+/// The value of ParameterStatus `body` when it reports `name`.
+pub fn parameter_status<'a>(body: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut parts = body.split(|&b| b == 0);
+    if parts.next()? != name {
+        return None;
+    }
+    parts.next()
+}
+
 /// The command tag of a CommandComplete.
 pub fn command_tag(body: &[u8]) -> &[u8] {
     split_cstr(body).map(|(tag, _)| tag).unwrap_or(body)

@@ -27,6 +27,7 @@ fn column(name: &str, content: Content) -> RelationColumn {
         name: name.into(),
         content,
         has_default: false,
+        generated: false,
     }
 }
 
@@ -53,6 +54,13 @@ fn fixture() -> Fixture {
                 name: "created".into(),
                 content: Content::Plain,
                 has_default: true,
+                generated: false,
+            },
+            RelationColumn {
+                name: "label".into(),
+                content: Content::Plain,
+                has_default: true,
+                generated: true,
             },
         ],
     };
@@ -336,6 +344,7 @@ fn copy_from_stdin_records_the_encrypted_fields_and_format() {
             ..
         }
     ));
+    // Without a column list: every column but the generated one.
     let analysis = ok("COPY customers FROM STDIN");
     assert_eq!(analysis.copy_in.unwrap().fields.len(), 6);
     let analysis = ok("COPY customers (id, phone) FROM STDIN CSV HEADER");
