@@ -817,3 +817,99 @@ async fn copy_from_stdin_that_pgveil_cannot_encrypt_stores_nothing() {
         [vec![Some("1".into())]]
     );
 }
+
+#[tokio::test]
+async fn a_statement_prepared_before_its_table_joined_an_encrypted_one_is_prepared_again() {
+    schema();
+    cluster().psql_ok(
+        "postgres",
+        "DROP TABLE IF EXISTS enc_parts, enc_parts_new;
+         CREATE TABLE enc_parts (id int, secret text) PARTITION BY RANGE (id);
+         CREATE TABLE enc_parts_low PARTITION OF enc_parts FOR VALUES FROM (0) TO (100);
+         CREATE TABLE enc_parts_new (id int, secret text);
+         ALTER TABLE enc_parts OWNER TO enc_billing;
+         ALTER TABLE enc_parts_low OWNER TO enc_billing;
+         ALTER TABLE enc_parts_new OWNER TO enc_billing;",
+    );
+    let (proxy, _) = proxy_with(
+        "
+version: 1
+roles:
+  billing: { members: [enc_billing] }
+tables:
+  public.enc_parts:
+    columns:
+      secret: { level: L3, encrypt: randomized, access: { billing: allow } }
+",
+        &[("k1", KEY1)],
+    );
+    let billing = proxy.connect("enc_billing").await;
+    let into_parent = billing
+        .prepare("INSERT INTO enc_parts (id, secret) VALUES ($1, $2)")
+        .await
+        .expect("prepare parent insert");
+    let into_new = billing
+        .prepare("INSERT INTO enc_parts_new (id, secret) VALUES ($1, $2)")
+        .await
+        .expect("prepare insert into the plain table");
+
+    // The plain table is attached to the encrypted one around pgveil (pgveil cannot
+    // parse ATTACH PARTITION and refuses it for a table with encrypted columns); other
+    // DDL through pgveil makes every session wait for a fresh catalog.
+    cluster().psql_ok(
+        "postgres",
+        "ALTER TABLE enc_parts ATTACH PARTITION enc_parts_new FOR VALUES FROM (100) TO (200)",
+    );
+    let ddl = proxy.connect("enc_billing").await;
+    ddl.batch_execute(
+        "DROP TABLE IF EXISTS enc_parts_marker; CREATE TABLE enc_parts_marker (id int)",
+    )
+    .await
+    .expect("DDL through pgveil");
+
+    // Its parameter would now go into an encrypted column: refused, nothing stored.
+    let error = billing
+        .execute(&into_new, &[&150i32, &"after attach"])
+        .await
+        .expect_err("a stale plan is refused");
+    assert_eq!(sqlstate(&error), "0A000", "{error:?}");
+    // The statement whose analysis did not change still runs, and encrypts.
+    billing
+        .execute(&into_parent, &[&50i32, &"parent insert"])
+        .await
+        .expect("an unchanged plan survives the catalog refresh");
+    // Prepared again, it encrypts.
+    let again = billing
+        .prepare("INSERT INTO enc_parts_new (id, secret) VALUES ($1, $2)")
+        .await
+        .expect("prepare again");
+    billing
+        .execute(&again, &[&151i32, &"prepared again"])
+        .await
+        .expect("insert after preparing again");
+
+    let direct = cluster().direct().await;
+    let stored: Vec<(i32, String)> = direct
+        .query("SELECT id, secret FROM enc_parts ORDER BY id", &[])
+        .await
+        .expect("direct read")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        stored.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [50, 151]
+    );
+    assert!(
+        stored.iter().all(|(_, secret)| secret.starts_with("pgv1:")),
+        "{stored:?}"
+    );
+    let read: Vec<String> = billing
+        .query("SELECT secret FROM enc_parts ORDER BY id", &[])
+        .await
+        .expect("read through pgveil")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(read, ["parent insert", "prepared again"]);
+}

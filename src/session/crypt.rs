@@ -74,6 +74,13 @@ struct StatementPlan {
     client_params: usize,
     /// A COPY … FROM STDIN into encrypted columns: its rows are rewritten.
     copy: Option<Arc<CopyPlan>>,
+    /// The protection (policy and catalog) generation it was analysed under, and what
+    /// the analysis found (`None`: nothing to encrypt). Under a newer catalog the text
+    /// must analyse the same, or the plan is stale.
+    generation: u64,
+    analysis: Option<Analysis>,
+    /// The client's text when pgveil rewrote it (the session state has the rewrite).
+    original: Option<Bytes>,
 }
 
 /// A COPY … FROM STDIN into encrypted columns, as prepared.
@@ -552,6 +559,9 @@ impl SessionCrypto {
                         extras: Vec::new(),
                         client_params: 0,
                         copy: None,
+                        generation: protection.generation,
+                        analysis: None,
+                        original: None,
                     }),
                 );
                 return Ok(ClientAction::Forward);
@@ -597,6 +607,9 @@ impl SessionCrypto {
                     statement: parse.query.to_vec(),
                 })
             }),
+            generation: protection.generation,
+            analysis: Some(analysis.clone()),
+            original: Some(Bytes::copy_from_slice(parse.query)),
         };
         // The server infers the type of an encrypted parameter from its column (text
         // or bytea); the type the client declared is the logical one.
@@ -635,7 +648,45 @@ impl SessionCrypto {
         // The portal is this Bind's from now on.
         self.copy_portals.remove(names.portal);
         let plan = match self.statements.get(names.statement) {
-            Some(plan) if Arc::ptr_eq(&plan.policy, &protection.policy) => plan.clone(),
+            Some(plan) if plan.generation == protection.generation => plan.clone(),
+            // The same policy over a newer catalog: a relation may have become one with
+            // encrypted columns (a partition attached to an encrypted table) or changed
+            // its columns. The plan stands only if the text analyses the same now.
+            Some(plan) if Arc::ptr_eq(&plan.policy, &protection.policy) => {
+                let query = match &plan.original {
+                    Some(original) => original.clone(),
+                    None => state
+                        .statement(names.statement)
+                        .map(|s| s.query.clone())
+                        .unwrap_or_default(),
+                };
+                match self.analysed(protection, &query) {
+                    Ok(analysis) if analysis == plan.analysis => {
+                        let current = Arc::new(StatementPlan {
+                            policy: plan.policy.clone(),
+                            params: plan.params.clone(),
+                            extras: plan.extras.clone(),
+                            client_params: plan.client_params,
+                            copy: plan.copy.clone(),
+                            generation: protection.generation,
+                            analysis,
+                            original: plan.original.clone(),
+                        });
+                        self.statements
+                            .insert(Bytes::copy_from_slice(names.statement), current.clone());
+                        current
+                    }
+                    _ => {
+                        return Ok(ClientAction::Refuse(refusal(
+                            "0A000",
+                            DenyReason::WriteRefused,
+                            None,
+                            "pgveil: the tables this prepared statement names changed since it was prepared (encrypted columns differ)",
+                            "prepare the statement again, so pgveil encrypts its parameters for the tables as they are now",
+                        )))
+                    }
+                }
+            }
             // Prepared before the running policy: it may now bind values of columns
             // that were not encrypted then. (A statement made with SQL PREPARE is
             // analysed at its PREPARE, which refuses encrypted parameters.)

@@ -723,7 +723,11 @@ impl ReadGuard {
                         } else {
                             let bind = BindNames::decode(body)?;
                             let failing = encode_bind(bind.portal, &marker, &[], &[]);
-                            (b"<bind>".to_vec(), failing)
+                            // The audit log shows the statement the Bind would have run.
+                            let statement = state
+                                .statement(bind.statement)
+                                .map_or_else(|| b"<bind>".to_vec(), |s| s.query.to_vec());
+                            (statement, failing)
                         };
                         self.refused_requests.insert(marker, (refusal, statement));
                         Verdict::Substitute(failing)
