@@ -16,7 +16,7 @@
 //! an envelope header but do not authenticate, or text that starts with `pgv1:` but is
 //! no envelope, stop the run); or encrypt anything but the value's canonical text.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +117,9 @@ pub struct Report {
     pub nulls: u64,
     /// Plaintext values found by `reencrypt`, which it does not encrypt.
     pub plaintext: u64,
+    /// Row versions this run's own updates moved further ahead in a ctid scan, read
+    /// again there and found done (not counted in `rows` and the value counts).
+    pub revisited: u64,
     pub batches: u64,
     /// Time spent reading and writing batches (widening not included).
     pub elapsed: Duration,
@@ -178,6 +181,13 @@ impl std::fmt::Display for Report {
             }
         }
         writeln!(f, "NULL values: {}", self.nulls)?;
+        if self.revisited > 0 {
+            writeln!(
+                f,
+                "rows this run moved ahead and read again (not counted above): {}",
+                self.revisited
+            )?;
+        }
         writeln!(f, "batches: {}", self.batches)?;
         if let Some(widening) = self.widening {
             writeln!(f, "widening: {:.2} s", widening.as_secs_f64())?;
@@ -377,7 +387,33 @@ enum Scan {
         pages: u64,
         range: Statement,
         open_ended: Statement,
+        /// Where this run's updates put new row versions ahead of the scan: block →
+        /// bitset of line pointers. Such a version is read again; it is still
+        /// classified, but counted apart when it is found done.
+        moved: BTreeMap<u32, Vec<u64>>,
     },
+}
+
+/// `(block,offset)`, as `tid` prints.
+fn parse_tid(text: &str) -> Option<(u32, u16)> {
+    let (block, offset) = text.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    Some((block.parse().ok()?, offset.parse().ok()?))
+}
+
+fn mark_moved(moved: &mut BTreeMap<u32, Vec<u64>>, (block, offset): (u32, u16)) {
+    let bits = moved.entry(block).or_default();
+    let word = usize::from(offset / 64);
+    if bits.len() <= word {
+        bits.resize(word + 1, 0);
+    }
+    bits[word] |= 1 << (offset % 64);
+}
+
+fn was_moved(moved: &BTreeMap<u32, Vec<u64>>, (block, offset): (u32, u16)) -> bool {
+    moved
+        .get(&block)
+        .and_then(|bits| bits.get(usize::from(offset / 64)))
+        .is_some_and(|word| word & (1 << (offset % 64)) != 0)
 }
 
 /// What the run counts.
@@ -388,6 +424,7 @@ struct Counts {
     skipped: u64,
     nulls: u64,
     plaintext: u64,
+    revisited: u64,
     batches: u64,
 }
 
@@ -678,6 +715,7 @@ pub async fn run(
                 pages: (options.batch / rows_per_page).max(1),
                 range,
                 open_ended,
+                moved: BTreeMap::new(),
             },
             if key.is_empty() {
                 "ctid ranges (no primary key)".to_string()
@@ -741,6 +779,7 @@ pub async fn run(
         skipped: counts.skipped,
         nulls: counts.nulls,
         plaintext: counts.plaintext,
+        revisited: counts.revisited,
         batches: counts.batches,
         elapsed: started.elapsed(),
         widening,
@@ -1029,6 +1068,7 @@ async fn run_batch(
             pages,
             range,
             open_ended,
+            ..
         } => {
             let blocks = blocks.unwrap_or(0);
             if *next_block >= blocks {
@@ -1050,7 +1090,6 @@ async fn run_batch(
         }
     };
     counts.batches += 1;
-    counts.rows += rows.len() as u64;
 
     // Offsets in each row: tableoid, ctid, key texts, key values, encrypted columns.
     let values_at = 2 + 2 * key_len;
@@ -1059,24 +1098,44 @@ async fn run_batch(
     let mut tids: Vec<String> = Vec::new();
     let mut new_values: Vec<Vec<Option<Stored>>> = vec![Vec::new(); columns.len()];
     for row in &rows {
-        let mut row_changes: Vec<Option<Stored>> = Vec::with_capacity(columns.len());
+        let mut steps: Vec<Step> = Vec::with_capacity(columns.len());
         for (index, column) in columns.iter().enumerate() {
             let raw: Option<Raw> = row
                 .try_get(values_at + index)
                 .map_err(server("reading a value"))?;
-            let step = classify(column, raw.map(|r| r.0), options.mode)
-                .map_err(|fault| fault.into_problem(column, || row_label(scan, row)))?;
-            match step {
-                Step::Null => counts.nulls += 1,
-                Step::Skip => counts.skipped += 1,
-                Step::Plaintext => counts.plaintext += 1,
+            steps.push(
+                classify(column, raw.map(|r| r.0), options.mode)
+                    .map_err(|fault| fault.into_problem(column, || row_label(scan, row)))?,
+            );
+        }
+        let done = steps
+            .iter()
+            .all(|step| matches!(step, Step::Null | Step::Skip));
+        if done && revisited(scan, row) {
+            counts.revisited += 1;
+            continue;
+        }
+        counts.rows += 1;
+        let mut row_changes: Vec<Option<Stored>> = Vec::with_capacity(columns.len());
+        for (index, step) in steps.into_iter().enumerate() {
+            row_changes.push(match step {
+                Step::Null => {
+                    counts.nulls += 1;
+                    None
+                }
+                Step::Skip => {
+                    counts.skipped += 1;
+                    None
+                }
+                Step::Plaintext => {
+                    counts.plaintext += 1;
+                    None
+                }
                 Step::Write(stored) => {
                     changed[index] = true;
-                    row_changes.push(Some(stored));
-                    continue;
+                    Some(stored)
                 }
-            }
-            row_changes.push(None);
+            });
         }
         if row_changes.iter().any(Option::is_some) {
             relations.push(row.try_get(0).map_err(server("reading a row"))?);
@@ -1146,11 +1205,28 @@ async fn run_batch(
                 params.push(param);
             }
         }
-        let updated = transaction
-            .execute(&statement, &params)
+        let new_rows = transaction
+            .query(&statement, &params)
             .await
             .map_err(server("writing a batch"))?;
         let expected = tids.len() as u64;
+        let updated = new_rows.len() as u64;
+        if let Scan::Ctid {
+            next_block,
+            pages,
+            moved,
+            ..
+        } = scan
+        {
+            // New versions at or after the end of this range will be read again.
+            let end = next_block.saturating_add(*pages);
+            for row in &new_rows {
+                let tid: String = row.try_get(0).map_err(server("reading a row"))?;
+                if let Some(tid) = parse_tid(&tid).filter(|(block, _)| u64::from(*block) >= end) {
+                    mark_moved(moved, tid);
+                }
+            }
+        }
         if updated != expected {
             transaction
                 .rollback()
@@ -1177,9 +1253,16 @@ async fn run_batch(
             _ => false,
         },
         Scan::Ctid {
-            next_block, pages, ..
+            next_block,
+            pages,
+            moved,
+            ..
         } => {
             *next_block = next_block.saturating_add(*pages);
+            *moved = match u32::try_from(*next_block) {
+                Ok(block) => moved.split_off(&block),
+                Err(_) => BTreeMap::new(),
+            };
             // Aim at `batch` rows per range: fewer rows, more pages; never more than
             // four times as many pages at once.
             let found = rows.len() as u64;
@@ -1206,6 +1289,7 @@ async fn run_batch(
 
 /// `UPDATE … FROM unnest(…)` of the columns `changed` marks, rows found by tableoid and
 /// ctid (locked by the batch's `FOR UPDATE`); a NULL in a column's array keeps its value.
+/// Returns the new versions' ctids.
 fn update_sql(relation: &Relation, columns: &[Column], changed: &[bool]) -> String {
     let mut sets = Vec::new();
     let mut arrays = vec!["$1::oid[]".to_string(), "$2::text[]".to_string()];
@@ -1225,12 +1309,24 @@ fn update_sql(relation: &Relation, columns: &[Column], changed: &[bool]) -> Stri
     }
     format!(
         "UPDATE {} AS t SET {} FROM unnest({}) AS v({}) \
-          WHERE t.tableoid = v.rel AND t.ctid = v.tid::tid",
+          WHERE t.tableoid = v.rel AND t.ctid = v.tid::tid RETURNING t.ctid::text",
         relation.target,
         sets.join(", "),
         arrays.join(", "),
         names.join(", ")
     )
+}
+
+/// Whether `row` is a version this run's own update moved ahead of a ctid scan.
+fn revisited(scan: &Scan, row: &Row) -> bool {
+    match scan {
+        Scan::Ctid { moved, .. } if !moved.is_empty() => row
+            .try_get::<_, String>(1)
+            .ok()
+            .and_then(|tid| parse_tid(&tid))
+            .is_some_and(|tid| was_moved(moved, tid)),
+        _ => false,
+    }
 }
 
 /// How errors name a row: its primary key when that is not protected, else its ctid.
@@ -1386,6 +1482,24 @@ mod tests {
             Some("timestamptz")
         );
         assert_eq!(suggested_type("uuid"), None);
+    }
+
+    #[test]
+    fn moved_row_versions_are_remembered_by_block_and_line_pointer() {
+        assert_eq!(parse_tid("(12,5)"), Some((12, 5)));
+        assert_eq!(parse_tid("(4294967295,65535)"), Some((u32::MAX, u16::MAX)));
+        assert_eq!(parse_tid("12,5"), None);
+        assert_eq!(parse_tid("(x,5)"), None);
+        let mut moved = BTreeMap::new();
+        mark_moved(&mut moved, (7, 1));
+        mark_moved(&mut moved, (7, 291));
+        mark_moved(&mut moved, (9, 64));
+        assert!(was_moved(&moved, (7, 1)) && was_moved(&moved, (7, 291)));
+        assert!(was_moved(&moved, (9, 64)));
+        assert!(!was_moved(&moved, (7, 2)) && !was_moved(&moved, (8, 1)));
+        assert!(!was_moved(&moved, (9, 63)) && !was_moved(&moved, (9, 1000)));
+        let ahead = moved.split_off(&8);
+        assert!(!was_moved(&ahead, (7, 1)) && was_moved(&ahead, (9, 64)));
     }
 
     #[test]
