@@ -784,7 +784,8 @@ pub async fn run(
         elapsed: started.elapsed(),
         widening,
     };
-    info!(
+    // Debug only: the report says it all, and an info line would land on the progress line.
+    debug!(
         table = %label,
         rows = report.rows,
         written = report.written,
