@@ -133,7 +133,7 @@ bench_find_pg_bin() {
 bench_build_pgveil() {
     log "building pgveil (cargo build --release)"
     cargo build --release --quiet
-    PGVEIL=$REPO_ROOT/target/release/pgveil
+    PGVEIL=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/pgveil
     [[ -x $PGVEIL ]] || die "$PGVEIL was not produced by the build"
 }
 

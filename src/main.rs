@@ -52,9 +52,51 @@ enum Command {
     /// Create a keyring of encryption keys, or rotate its active key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Encrypt the plaintext values already stored in a protected table, in place.
+    ///
+    /// Reads the table in batches of --batch rows, each batch its own transaction, and
+    /// encrypts every plaintext value of its `encrypt:` columns under the active key.
+    /// Columns whose type cannot hold ciphertext are first widened to text (one ALTER
+    /// TABLE, which rewrites the table under an exclusive lock); a column that is not
+    /// text-like needs its `type:` in the policy first, so clients keep seeing its type.
+    /// Values already encrypted, under any key, are skipped: an interrupted run is
+    /// continued by running it again. Connects with the config's `catalog` login, which
+    /// needs UPDATE on the table, and ownership of it to widen columns.
+    #[command(
+        after_help = "Example:\n  pgveil encrypt --config /etc/pgveil/pgveil.yaml --table public.customers --batch 5000\n\nRunning pgveil instances notice widened columns by themselves: at once with the event\ntrigger of sql/pgveil-ddl-notify.sql, otherwise at their next catalog refresh (within\n60 s); no restart is needed. Until its values are encrypted, pgveil answers a plaintext\nvalue of an encrypted column with XX001. A report (rows, values encrypted and skipped,\nNULLs, batches, rows/s) is printed at the end; a value that cannot be encrypted or a\nciphertext that does not decrypt stops the run with exit 1 and one line naming the\ntable, column and row, never the value."
+    )]
+    Encrypt(MigrateArgs),
+    /// Re-encrypt values stored under older keys with the keyring's active key.
+    ///
+    /// Reads the table like `pgveil encrypt` and moves every envelope that names an older
+    /// key to the active one; values already under it are skipped. Plaintext values are
+    /// not encrypted here: they are counted and make the command exit 1, pointing to
+    /// `pgveil encrypt`.
+    #[command(
+        after_help = "Example:\n  pgveil keys rotate --keyring /etc/pgveil/keyring.yaml\n  # restart every pgveil that uses the keyring, then:\n  pgveil reencrypt --config /etc/pgveil/pgveil.yaml --table public.customers\n\nRestart pgveil with the rotated keyring first: a pgveil still holding the old keyring\ncannot read values moved to the new key. Once every table with encrypted columns has\nbeen re-encrypted, older keys may be removed from the keyring."
+    )]
+    Reencrypt(MigrateArgs),
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// pgveil config: its `policy`, `keyring` (or PGVEIL_KEYRING) and `catalog` login.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// The protected table, as the policy names it (a bare name means public.NAME).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    table: String,
+    /// Database to connect to [default: catalog.database of the config].
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
+    /// Rows per batch (one transaction each); a table without a primary key is read in
+    /// ranges of pages holding about that many rows.
+    #[arg(long, value_name = "N", default_value_t = pgveil::migrate::DEFAULT_BATCH,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch: u64,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +225,8 @@ fn main() -> ExitCode {
         Command::Keys(KeysCommand::Generate { out, force }) => keys_generate(&out, force),
         Command::Keys(KeysCommand::Rotate { keyring }) => keys_rotate(&keyring),
         Command::Audit(AuditCommand::Verify { files, partial }) => audit_verify(&files, partial),
+        Command::Encrypt(args) => migrate(pgveil::migrate::Mode::Encrypt, args),
+        Command::Reencrypt(args) => migrate(pgveil::migrate::Mode::Reencrypt, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -316,6 +360,79 @@ fn audit_verify(files: &[PathBuf], partial: bool) -> Result<()> {
         println!("the chain starts at seq {seq} after prev_hash {prev_hash}: match it against the last record of the file before");
     }
     Ok(())
+}
+
+fn migrate(mode: pgveil::migrate::Mode, args: MigrateArgs) -> Result<()> {
+    use pgveil::migrate::{self, MigrateError, Options, Progress};
+    use std::io::Write as _;
+    let command = mode.command();
+    let config = Config::load(&args.config).map_err(|error| {
+        eprintln!("pgveil {command}: {error}");
+        anyhow::Error::new(Reported)
+    })?;
+    let options = Options {
+        mode,
+        table: args.table,
+        database: args.database,
+        batch: args.batch,
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut drawn = false;
+    let mut draw = |progress: Progress| {
+        if !terminal {
+            return;
+        }
+        let seconds = progress.elapsed.as_secs_f64();
+        let rate = if seconds > 0.0 {
+            progress.rows as f64 / seconds
+        } else {
+            0.0
+        };
+        let percent = progress
+            .rows
+            .saturating_mul(100)
+            .checked_div(progress.estimated_rows)
+            .map_or(100, |p| p.min(100));
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(
+            stderr,
+            "\r{}: {} / ~{} rows ({percent}%), {rate:.0} rows/s    ",
+            options.table, progress.rows, progress.estimated_rows
+        );
+        let _ = stderr.flush();
+        drawn = true;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(migrate::run(&config, &options, &mut draw));
+    if drawn {
+        eprintln!();
+    }
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            if mode == migrate::Mode::Reencrypt && report.plaintext > 0 {
+                eprintln!(
+                    "pgveil reencrypt: {}: {} plaintext values were found and not encrypted; run `pgveil encrypt --config {} --table {}` first",
+                    report.table,
+                    report.plaintext,
+                    args.config.display(),
+                    report.table
+                );
+                return Err(Reported.into());
+            }
+            Ok(())
+        }
+        Err(MigrateError::Policy(error)) => {
+            eprintln!("{error}");
+            Err(Reported.into())
+        }
+        Err(error) => {
+            eprintln!("pgveil {command}: {error}");
+            Err(Reported.into())
+        }
+    }
 }
 
 /// Exit code 1 with every problem already printed.

@@ -700,7 +700,7 @@ impl CatalogSnapshot {
 }
 
 /// Whether a policy `type:` names the type `format_type` printed.
-fn logical_type_matches(logical: &str, stored: &str) -> bool {
+pub fn logical_type_matches(logical: &str, stored: &str) -> bool {
     // `format_type` puts modifiers in parentheses: `character varying(20)`,
     // `timestamp(3) without time zone`, `numeric(12,2)`.
     let mut base = String::with_capacity(stored.len());
