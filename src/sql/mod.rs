@@ -8,6 +8,7 @@
 //! an error the value of a literal.
 
 pub mod encryption;
+pub mod lineage;
 
 use std::ops::Range;
 

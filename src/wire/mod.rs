@@ -7,6 +7,7 @@
 //! non-UTF-8 input round-trips byte for byte.
 
 pub mod bind;
+pub mod copy_out;
 pub mod copy_rows;
 pub mod frame;
 pub mod messages;
