@@ -23,6 +23,8 @@ use crate::policy::{Policy, PolicyError};
 use crate::protect::column_crypto::Ciphers;
 use crate::protect::keyring::{Keyring, KeyringError};
 use crate::protect::mask::HashKey;
+use crate::sql::lineage::{self, StatementLineage, Unparseable};
+use crate::sql::plan_cache::PlanCache;
 
 /// How long a login's role memberships are trusted before they are read again.
 pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(60);
@@ -52,6 +54,49 @@ pub struct Protection {
     /// The database's schema-change count when this catalog was read (see
     /// [`ProtectionHandle::schema_changed`]).
     pub changes_seen: u64,
+    /// Lineage analyses of statement texts under this policy and catalog, shared by
+    /// the database's sessions.
+    pub plans: Mutex<PlanCache<LineageAnalysis>>,
+}
+
+/// The lineage of every statement of one text, or why it could not be analysed.
+pub type LineageAnalysis = Result<Vec<StatementLineage>, Unparseable>;
+
+impl Protection {
+    /// The lineage of `text` under this policy and catalog, from the cache when it was
+    /// analysed before.
+    pub fn lineage(&self, text: &[u8]) -> Arc<LineageAnalysis> {
+        let cached = self
+            .plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(text);
+        if let Some(analysis) = cached {
+            return analysis;
+        }
+        let analysis = Arc::new(match std::str::from_utf8(text) {
+            Ok(sql) => lineage::analyse(
+                sql,
+                &lineage::Knowledge {
+                    relations: self.catalog.lineage_relations(),
+                },
+            ),
+            Err(_) => Err(Unparseable("the statement is not valid UTF-8".into())),
+        });
+        // A rough size: the vectors of sources dominate.
+        let size = match analysis.as_ref() {
+            Ok(statements) => statements
+                .iter()
+                .map(|s| 128 + 48 * (s.outputs.len() + s.filters.len() + s.stored.len()))
+                .sum(),
+            Err(_) => 64,
+        };
+        self.plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(text, analysis.clone(), size);
+        analysis
+    }
 }
 
 /// A login's role memberships and when they were read.
@@ -336,6 +381,7 @@ impl Engine {
             ciphers: Arc::new(ciphers),
             generation,
             changes_seen,
+            plans: Mutex::new(PlanCache::default()),
         }))
     }
 

@@ -24,6 +24,7 @@ use super::CatalogError;
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
 use crate::sql::encryption::{Content, EncryptedRelation, RelationColumn};
+use crate::sql::lineage::{ProtectedRelation, RelationColumn as LineageColumn};
 
 /// Where a result column's values come from, as far as the policy is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub struct CatalogSnapshot {
     /// them) by `relname`, for the analysis of statements.
     encrypted_relations: HashMap<String, Vec<Arc<EncryptedRelation>>>,
     encrypted_names: HashSet<String>,
+    /// Relations with protected columns by `relname`, for the lineage analysis.
+    lineage_relations: HashMap<String, Vec<Arc<ProtectedRelation>>>,
     /// Protected tables or columns the database lacks.
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
@@ -130,6 +133,11 @@ impl CatalogSnapshot {
 
     pub fn encrypted_relations(&self) -> &HashMap<String, Vec<Arc<EncryptedRelation>>> {
         &self.encrypted_relations
+    }
+
+    /// Relations with protected columns by `relname` (every live column, in order).
+    pub fn lineage_relations(&self) -> &HashMap<String, Vec<Arc<ProtectedRelation>>> {
+        &self.lineage_relations
     }
 
     /// Number of result columns (base, partition, child and view) that carry protected
@@ -408,11 +416,8 @@ impl CatalogSnapshot {
             .keys()
             .filter_map(|(oid, _)| relation_names.get(oid).cloned())
             .collect();
-        if policy.encrypts() {
-            snapshot.encrypted_relations =
-                load_encrypted_relations(client, &snapshot, policy).await?;
-            snapshot.encrypted_names = snapshot.encrypted_relations.keys().cloned().collect();
-        }
+        load_relations(client, &mut snapshot, policy).await?;
+        snapshot.encrypted_names = snapshot.encrypted_relations.keys().cloned().collect();
         Ok(snapshot)
     }
 }
@@ -435,25 +440,21 @@ fn encryption_content(policy: &Policy, source: Option<&ColumnSource>) -> Content
     }
 }
 
-/// Every relation one of whose columns holds (or is computed from) an encrypted
-/// column, with all its live columns in order.
-async fn load_encrypted_relations(
+/// Every relation with protected columns (policy tables, partitions, children, views
+/// showing them), with all its live columns in order: for the lineage analysis of
+/// statements, and (those holding or computed from an encrypted column) for the
+/// encryption analysis.
+async fn load_relations(
     client: &Client,
-    snapshot: &CatalogSnapshot,
+    snapshot: &mut CatalogSnapshot,
     policy: &Policy,
-) -> Result<HashMap<String, Vec<Arc<EncryptedRelation>>>, CatalogError> {
-    let oids: BTreeSet<u32> = snapshot
-        .columns
-        .iter()
-        .filter(|(_, source)| encryption_content(policy, Some(source)) != Content::Plain)
-        .map(|((oid, _), _)| *oid)
-        .collect();
-    let mut relations = HashMap::new();
+) -> Result<(), CatalogError> {
+    let oids: BTreeSet<u32> = snapshot.columns.keys().map(|(oid, _)| *oid).collect();
     if oids.is_empty() {
-        return Ok(relations);
+        return Ok(());
     }
     let oids: Vec<u32> = oids.into_iter().collect();
-    let what = "columns of relations with encrypted columns";
+    let what = "columns of relations with protected columns";
     let rows = client
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind IN ('v', 'm'), \
@@ -470,42 +471,74 @@ async fn load_encrypted_relations(
             what,
             reason: error.to_string(),
         })?;
-    let mut current: Option<(u32, EncryptedRelation)> = None;
+    // (oid, relation for the encryption analysis, relation for the lineage analysis)
+    let mut current: Option<(u32, EncryptedRelation, ProtectedRelation)> = None;
     let mut done = Vec::new();
     for row in &rows {
         let oid: u32 = get(row, 0, what)?;
-        if current.as_ref().is_none_or(|(o, _)| *o != oid) {
-            if let Some((_, relation)) = current.take() {
-                done.push(relation);
-            }
+        if current.as_ref().is_none_or(|(o, _, _)| *o != oid) {
+            done.extend(current.take());
+            let schema: String = get(row, 1, what)?;
+            let name: String = get(row, 2, what)?;
+            let is_view: bool = get(row, 3, what)?;
             current = Some((
                 oid,
                 EncryptedRelation {
-                    schema: get(row, 1, what)?,
-                    name: get(row, 2, what)?,
-                    is_view: get(row, 3, what)?,
+                    schema: schema.clone(),
+                    name: name.clone(),
+                    is_view,
+                    columns: Vec::new(),
+                },
+                ProtectedRelation {
+                    schema,
+                    name,
+                    is_view,
                     columns: Vec::new(),
                 },
             ));
         }
         let attnum: i16 = get(row, 4, what)?;
-        if let Some((_, relation)) = current.as_mut() {
-            relation.columns.push(RelationColumn {
-                name: get(row, 5, what)?,
-                content: encryption_content(policy, snapshot.columns.get(&(oid, attnum))),
+        let source = snapshot.columns.get(&(oid, attnum));
+        if let Some((_, encrypted, protected)) = current.as_mut() {
+            let name: String = get(row, 5, what)?;
+            let generated: bool = get(row, 7, what)?;
+            encrypted.columns.push(RelationColumn {
+                name: name.clone(),
+                content: encryption_content(policy, source),
                 has_default: get(row, 6, what)?,
-                generated: get(row, 7, what)?,
+                generated,
+            });
+            protected.columns.push(LineageColumn {
+                name,
+                sources: match source {
+                    Some(ColumnSource::Protected(id)) => [*id].into_iter().collect(),
+                    Some(ColumnSource::Derived(ids)) => ids.iter().copied().collect(),
+                    None => Default::default(),
+                },
+                generated,
             });
         }
     }
-    done.extend(current.map(|(_, relation)| relation));
-    for relation in done {
-        relations
-            .entry(relation.name.clone())
-            .or_insert_with(Vec::new)
-            .push(Arc::new(relation));
+    done.extend(current);
+    for (_, encrypted, protected) in done {
+        if encrypted
+            .columns
+            .iter()
+            .any(|column| column.content != Content::Plain)
+        {
+            snapshot
+                .encrypted_relations
+                .entry(encrypted.name.clone())
+                .or_default()
+                .push(Arc::new(encrypted));
+        }
+        snapshot
+            .lineage_relations
+            .entry(protected.name.clone())
+            .or_default()
+            .push(Arc::new(protected));
     }
-    Ok(relations)
+    Ok(())
 }
 
 /// Column `index` of a catalog row, or an error naming the query.

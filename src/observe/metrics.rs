@@ -99,8 +99,13 @@ pub enum DenyReason {
     ColumnDenied,
     /// A value computed from protected columns the role may not see in plaintext.
     DerivedExpression,
-    /// COPY … TO, or a replication stream.
+    /// COPY … TO, a replication stream, or a copy of protected values into a table or
+    /// server file.
     ExportDenied,
+    /// A condition on a column the role may not see in plaintext.
+    FilterOnProtected,
+    /// More rows with protected columns than the role's `max_rows`.
+    RowLimit,
     /// pgveil could not work out what the statement reads (a relation its catalog does
     /// not know, a portal it never saw described, DDL not yet committed, …).
     Unparseable,
@@ -118,6 +123,8 @@ impl DenyReason {
             DenyReason::ColumnDenied => "column_denied",
             DenyReason::DerivedExpression => "derived_expression",
             DenyReason::ExportDenied => "export_denied",
+            DenyReason::FilterOnProtected => "filter_on_protected",
+            DenyReason::RowLimit => "row_limit",
             DenyReason::Unparseable => "unparseable",
             DenyReason::UnsupportedOnEncrypted => "unsupported_on_encrypted",
             DenyReason::WriteRefused => "write_refused",

@@ -433,9 +433,16 @@ impl Policy {
                     .collect()
             })
             .collect();
+        // Nothing to check for a role that may see everything in plaintext, without a
+        // row limit, and may export.
         let unrestricted = actions
             .iter()
-            .map(|row| row.iter().all(|action| matches!(action, Action::Allow)))
+            .zip(&roles)
+            .map(|(row, role)| {
+                row.iter().all(|action| matches!(action, Action::Allow))
+                    && role.max_rows.is_none()
+                    && role.export == Permission::Allow
+            })
             .collect();
         Ok(Policy {
             levels,
@@ -465,9 +472,43 @@ impl Policy {
         &self.actions[role][column]
     }
 
-    /// Whether the role may see every protected column in plaintext.
+    /// Whether pgveil has nothing to check for the role: it may see every protected
+    /// column in plaintext, has no `max_rows` and may export.
     pub fn is_unrestricted(&self, role: RoleId) -> bool {
         self.unrestricted.get(role).copied().unwrap_or(false)
+    }
+
+    /// Whether the role may not use `column` in a condition (WHERE, JOIN, ORDER BY…):
+    /// the column is not encrypted, the role may not see it in plaintext, and the role's
+    /// `filter_on_protected` is `deny`, or unset while the column's level is other than
+    /// `L1` or `L2` (conditions reveal values one guess at a time; the low levels are
+    /// left usable for lookups by default).
+    pub fn filter_refused(&self, role: RoleId, column: ColumnId) -> bool {
+        let Some(spec) = self.columns.get(column) else {
+            return true;
+        };
+        if spec.encrypt != EncryptMode::None || matches!(self.action(role, column), Action::Allow) {
+            return false;
+        }
+        match self.roles.get(role).and_then(|r| r.filter_on_protected) {
+            Some(Permission::Allow) => false,
+            Some(Permission::Deny) => true,
+            None => {
+                !(spec.level.eq_ignore_ascii_case("L1") || spec.level.eq_ignore_ascii_case("L2"))
+            }
+        }
+    }
+
+    /// The role's `max_rows`.
+    pub fn max_rows(&self, role: RoleId) -> Option<u64> {
+        self.roles.get(role).and_then(|r| r.max_rows)
+    }
+
+    /// Whether the role may COPY protected columns out (`export: allow`).
+    pub fn may_export(&self, role: RoleId) -> bool {
+        self.roles
+            .get(role)
+            .is_none_or(|r| r.export == Permission::Allow)
     }
 
     pub fn role_name(&self, role: RoleId) -> &str {

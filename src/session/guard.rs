@@ -19,6 +19,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::crypt::{ClientAction, SessionCrypto, WriteRefusal};
+use super::lineage::{Computed, SessionLineage, StatementRef, CURSOR_WORDS};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
@@ -30,8 +31,12 @@ use crate::policy::{Action, ColumnId, Policy, RoleId};
 use crate::protect::column_crypto::ColumnCrypto;
 use crate::protect::mask::{HashKey, Mask};
 use crate::protect::pgtypes::is_text_like;
+use crate::sql::lineage::{
+    field_sources, FieldSources, OutputColumn, Sources, StatementKind, StatementLineage,
+};
 use crate::sqltext::{may_modify_data, runs_another_statement};
 use crate::wire::bind::{encode_bind, encode_parse};
+use crate::wire::copy_out::{CopyOutError, CopyOutFormat, CopyOutRewriter, FieldChange};
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
     command_tag, error_is_fatal, execute_portal, parameter_status, scrub_report, BindNames,
@@ -117,6 +122,8 @@ enum Treatment {
 /// The transformation of a result's rows.
 #[derive(Debug)]
 struct Shaping {
+    /// The rows hold protected columns (counted against `max_rows`).
+    protected: bool,
     /// Number of columns every row must have.
     width: usize,
     /// Encrypted columns, decrypted before any treatment: index, cipher, the format
@@ -145,11 +152,42 @@ enum ResultState {
     /// The statement is refused: drop its messages, then send this error in place of
     /// its completion.
     Denied(Box<Refusal>),
+    /// The data of a COPY … TO STDOUT with protected columns, rewritten row by row.
+    CopyOut(Box<CopyOutPlan>),
+}
+
+/// How the data of one COPY … TO STDOUT is rewritten.
+struct CopyOutPlan {
+    rewriter: CopyOutRewriter,
+    shaping: Arc<Shaping>,
+    /// The format code of every field (1: binary).
+    format: i16,
+    /// The first protected column: its field marks each row, for `max_rows`.
+    first_protected: usize,
+}
+
+impl std::fmt::Debug for CopyOutPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOutPlan")
+            .field("shaping", &self.shaping)
+            .finish()
+    }
+}
+
+/// Why a COPY … TO row is not sent.
+enum CopyFieldFailure {
+    /// The value of this column does not decrypt.
+    Decrypt(usize),
+    RowLimit,
 }
 
 /// The outcome of checking a row description against the policy.
 enum Plan {
-    Pass,
+    /// Rows pass untouched; `protected`: they hold protected columns (counted against
+    /// `max_rows`).
+    Pass {
+        protected: bool,
+    },
     Shape(Shaping),
     Deny(Box<Refusal>),
     /// A column comes from a relation the catalog does not know: refresh first.
@@ -223,7 +261,38 @@ pub struct ReadGuard {
     /// to show in place of the server's error, and the client's statement.
     refused_requests: HashMap<Vec<u8>, (Box<Refusal>, Vec<u8>)>,
     next_marker: u64,
+    /// The lineage of the statements sent, cursors and SQL prepared statements.
+    lineage: SessionLineage,
+    /// `max_rows` of the result being sent, when it has protected columns.
+    row_limit: Option<RowLimit>,
+    /// Rows with protected columns each cursor and portal has returned so far.
+    rows_returned: HashMap<RowKey, u64>,
 }
+
+/// The row limit of one result.
+#[derive(Debug)]
+struct RowLimit {
+    max: u64,
+    /// Rows counted, earlier FETCHes or Executes of the same cursor or portal included.
+    counted: u64,
+    key: Option<RowKey>,
+}
+
+/// What rows are counted together against `max_rows`: a SQL cursor's across FETCHes,
+/// or a portal's across Executes (named by its Bind, counted by executions before it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RowKey {
+    Cursor(String),
+    Portal(Vec<u8>, u64),
+}
+
+/// Most cursors and portals whose returned rows are remembered.
+const MAX_COUNTED: usize = 4096;
+
+/// Words that send a text to the lineage analysis although it names no protected
+/// relation (see [`CURSOR_WORDS`]).
+static CURSOR_WORD_SET: std::sync::LazyLock<HashSet<String>> =
+    std::sync::LazyLock::new(|| CURSOR_WORDS.iter().map(|w| w.to_string()).collect());
 
 /// Parse texts and statement names pgveil sends in place of refused ones start with it:
 /// byte 1 makes the text unparseable and the name one no client uses.
@@ -257,6 +326,8 @@ struct SentRequests {
 /// What pgveil knows of a statement the client sent.
 #[derive(Debug, Clone)]
 struct SentStatement {
+    /// Its lineage, for the computed columns of its results.
+    lineage: SentLineage,
     /// It runs another statement (`FETCH`, `EXECUTE`).
     runs_another: bool,
     /// Its text, kept only when an audit log is kept: whether it may run while the log
@@ -265,8 +336,20 @@ struct SentStatement {
     text: Option<Arc<[u8]>>,
 }
 
+/// The lineage of a statement the client prepared.
+#[derive(Debug, Clone)]
+enum SentLineage {
+    /// Its text names no relation with protected columns (or the role had nothing to
+    /// check when it was sent).
+    NotAnalysed,
+    Analysed(StatementRef),
+    /// pgveil did not see it prepared (or forgot it).
+    Unseen,
+}
+
 /// A statement pgveil never saw parsed: assume the worst.
 const UNKNOWN_STATEMENT: SentStatement = SentStatement {
+    lineage: SentLineage::Unseen,
     runs_another: true,
     text: None,
 };
@@ -291,6 +374,7 @@ impl SentRequests {
                 self.statements.insert(
                     parse.statement.to_vec(),
                     SentStatement {
+                        lineage: SentLineage::NotAnalysed,
                         runs_another: runs_another_statement(parse.query),
                         text: auditing.then(|| Arc::from(parse.query)),
                     },
@@ -424,6 +508,9 @@ impl ReadGuard {
             crypto: SessionCrypto::default(),
             refused_requests: HashMap::new(),
             next_marker: 0,
+            lineage: SessionLineage::default(),
+            row_limit: None,
+            rows_returned: HashMap::new(),
         }
     }
 
@@ -561,11 +648,14 @@ impl ReadGuard {
         if self.draining || matches!(self.result, ResultState::Denied(_)) {
             return Some(true);
         }
+        if matches!(self.result, ResultState::CopyOut(_)) && matches!(tag, b'd' | b'c') {
+            return Some(true);
+        }
         match tag {
             // The first row of a result is always seen: the policy in force may have
             // changed since the last statement, and only `begin_execute_result` looks.
             b'D' => Some(match self.result {
-                ResultState::Pass => false,
+                ResultState::Pass => self.row_limit.is_some(),
                 ResultState::Idle => {
                     !self.unrestricted() || self.policy_changed() || self.audit_blocked()
                 }
@@ -652,6 +742,18 @@ impl ReadGuard {
                 return Ok(Verdict::Substitute(failing_request(tag)));
             }
         }
+        if !self.unrestricted() {
+            if let Some(verdict) = self.check_lineage(state, tag, body)? {
+                return Ok(verdict);
+            }
+        } else if tag == b'P' {
+            // Not analysed: should the role become restricted (a policy reload), its
+            // computed columns are refused rather than passed.
+            let parse = Parse::decode(body)?;
+            if let Some(sent) = self.sent.statements.get_mut(parse.statement) {
+                sent.lineage = SentLineage::Unseen;
+            }
+        }
         if self.protection.policy.encrypts() {
             if let Some(verdict) = self.encrypt_client_message(state, tag, body)? {
                 return Ok(verdict);
@@ -698,43 +800,260 @@ impl ReadGuard {
             }
             ClientAction::Refuse(refused) => {
                 let refusal = self.refusal_of(&refused);
-                Some(match tag {
-                    b'Q' | b'E' => {
-                        let statement = if tag == b'Q' {
-                            body.strip_suffix(b"\0").unwrap_or(body).to_vec()
-                        } else {
-                            self.sent
-                                .portal_statement(execute_portal(body)?)
-                                .and_then(|sent| sent.text.as_deref())
-                                .map_or_else(|| b"<execute>".to_vec(), <[u8]>::to_vec)
-                        };
-                        self.substituted
-                            .push_back((state.executions_sent(), refusal, statement));
-                        Verdict::Substitute(failing_request(tag))
-                    }
-                    _ => {
-                        let mut marker = REFUSED_MARKER.to_vec();
-                        marker.extend_from_slice(self.next_marker.to_string().as_bytes());
-                        self.next_marker += 1;
-                        let (statement, failing) = if tag == b'P' {
-                            let parse = Parse::decode(body)?;
-                            let failing = encode_parse(parse.statement, &marker, &[]);
-                            (parse.query.to_vec(), failing)
-                        } else {
-                            let bind = BindNames::decode(body)?;
-                            let failing = encode_bind(bind.portal, &marker, &[], &[]);
-                            // The audit log shows the statement the Bind would have run.
-                            let statement = state
-                                .statement(bind.statement)
-                                .map_or_else(|| b"<bind>".to_vec(), |s| s.query.to_vec());
-                            (statement, failing)
-                        };
-                        self.refused_requests.insert(marker, (refusal, statement));
-                        Verdict::Substitute(failing)
-                    }
-                })
+                Some(self.refuse_request(state, tag, body, refusal)?)
             }
         })
+    }
+
+    /// Replaces a Query, Parse, Bind or Execute pgveil refuses by a request the server
+    /// fails; the server's error is then swapped for `refusal`.
+    fn refuse_request(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+        refusal: Box<Refusal>,
+    ) -> Result<Verdict, GuardError> {
+        Ok(match tag {
+            b'Q' | b'E' => {
+                let statement = if tag == b'Q' {
+                    body.strip_suffix(b"\0").unwrap_or(body).to_vec()
+                } else {
+                    self.sent
+                        .portal_statement(execute_portal(body)?)
+                        .and_then(|sent| sent.text.as_deref())
+                        .map_or_else(|| b"<execute>".to_vec(), <[u8]>::to_vec)
+                };
+                self.substituted
+                    .push_back((state.executions_sent(), refusal, statement));
+                Verdict::Substitute(failing_request(tag))
+            }
+            _ => {
+                let mut marker = REFUSED_MARKER.to_vec();
+                marker.extend_from_slice(self.next_marker.to_string().as_bytes());
+                self.next_marker += 1;
+                let (statement, failing) = if tag == b'P' {
+                    let parse = Parse::decode(body)?;
+                    let failing = encode_parse(parse.statement, &marker, &[]);
+                    (parse.query.to_vec(), failing)
+                } else {
+                    let bind = BindNames::decode(body)?;
+                    let failing = encode_bind(bind.portal, &marker, &[], &[]);
+                    // The audit log shows the statement the Bind would have run.
+                    let statement = state
+                        .statement(bind.statement)
+                        .map_or_else(|| b"<bind>".to_vec(), |s| s.query.to_vec());
+                    (statement, failing)
+                };
+                self.refused_requests.insert(marker, (refusal, statement));
+                Verdict::Substitute(failing)
+            }
+        })
+    }
+
+    /// The read policy of a statement before it runs: a Query or Parse whose text names
+    /// a relation with protected columns (or makes or runs cursors and prepared
+    /// statements) is analysed; conditions on columns the role may not filter on,
+    /// copies of protected values into other tables or server files, exports the role
+    /// may not make and statements that cannot be analysed are refused. The lineage is
+    /// kept for the statement's results.
+    fn check_lineage(
+        &mut self,
+        state: &SessionState,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Option<Verdict>, GuardError> {
+        let (text, statement) = match tag {
+            b'Q' => (body.strip_suffix(b"\0").unwrap_or(body), None),
+            b'P' => {
+                let parse = Parse::decode(body)?;
+                (parse.query, Some(parse.statement))
+            }
+            b'B' => {
+                // A statement made by SQL PREPARE can be bound like a protocol one.
+                let names = BindNames::decode(body)?;
+                if let Some(prepared) = self.lineage.sql_prepared(names.statement) {
+                    if let Some((sent, _)) = self.sent.portals.get_mut(names.portal) {
+                        if matches!(sent.lineage, SentLineage::Unseen) {
+                            sent.lineage = SentLineage::Analysed(prepared);
+                        }
+                    }
+                }
+                return Ok(None);
+            }
+            b'E' => {
+                let portal = execute_portal(body)?;
+                if let Some((sent, _)) = self.sent.portals.get(portal) {
+                    if let SentLineage::Analysed(statement) = &sent.lineage {
+                        let statement = statement.clone();
+                        self.lineage.statement_runs(&statement);
+                        self.forget_rows_of(&statement);
+                    }
+                }
+                return Ok(None);
+            }
+            _ => return Ok(None),
+        };
+        let catalog = &self.protection.catalog;
+        let names_protected = catalog.names_protected_relation(text);
+        if !names_protected && !crate::sqltext::names_any(text, &CURSOR_WORD_SET) {
+            return Ok(None);
+        }
+        let text: Arc<[u8]> = Arc::from(text);
+        let analysis = self.protection.lineage(&text);
+        let generation = self.protection.generation;
+        let refusal = match analysis.as_ref() {
+            Err(reason) if names_protected => {
+                debug!(reason = %reason.0, "a statement naming a protected relation does not parse");
+                Some(denied(
+                    DenyReason::Unparseable,
+                    UNKNOWN_TABLE.to_string(),
+                    "42501",
+                    format!(
+                        "pgveil: cannot analyse a statement that names a relation with protected columns (role {})",
+                        self.role_name()
+                    ),
+                    "pgveil must understand every statement that reads protected columns for this role; simplify or split the statement",
+                ))
+            }
+            Err(_) => None,
+            Ok(statements) => statements
+                .iter()
+                .find_map(|statement| self.statement_refusal(statement)),
+        };
+        if let Some(refusal) = refusal {
+            return self.refuse_request(state, tag, body, refusal).map(Some);
+        }
+        match statement {
+            None => {
+                if let Ok(statements) = analysis.as_ref() {
+                    for index in 0..statements.len() {
+                        let statement =
+                            StatementRef::new(text.clone(), &analysis, index, generation);
+                        self.forget_rows_of(&statement);
+                    }
+                }
+                self.lineage
+                    .query_sent(state.executions_sent(), text, analysis, generation);
+            }
+            Some(name) => {
+                if let Some(sent) = self.sent.statements.get_mut(name) {
+                    sent.lineage =
+                        SentLineage::Analysed(StatementRef::new(text, &analysis, 0, generation));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A DECLARE starts its cursor's count of rows afresh.
+    fn forget_rows_of(&mut self, statement: &StatementRef) {
+        if let Some(cursor) = statement.declared_cursor() {
+            self.rows_returned
+                .remove(&RowKey::Cursor(cursor.to_string()));
+        }
+    }
+
+    /// Why the policy refuses one statement before it runs, if it does.
+    fn statement_refusal(&self, statement: &StatementLineage) -> Option<Box<Refusal>> {
+        let policy = &self.protection.policy;
+        let role = self.role_name();
+        match &statement.kind {
+            StatementKind::Unsupported { relation } => {
+                return Some(denied(
+                    DenyReason::Unparseable,
+                    relation.clone(),
+                    "42501",
+                    format!(
+                        "pgveil: this kind of statement on {relation} is not supported for role {role}, which may not see every protected column in plaintext"
+                    ),
+                    "use SELECT, INSERT, UPDATE, DELETE or COPY through pgveil, or run it with a login whose role may see every column",
+                ));
+            }
+            StatementKind::Prepare { statement, .. } => {
+                if let Some(refusal) = self.statement_refusal(statement) {
+                    return Some(refusal);
+                }
+            }
+            _ => {}
+        }
+        if let Some(&column) = statement
+            .filters
+            .iter()
+            .find(|&&column| policy.filter_refused(self.role, column))
+        {
+            return Some(
+                denied(
+                    DenyReason::FilterOnProtected,
+                    policy.table_label(column),
+                    "42501",
+                    format!(
+                        "pgveil: a condition on column {} is refused for role {role}, which may not see it in plaintext: conditions reveal values one guess at a time",
+                        policy.column_label(column)
+                    ),
+                    "filter on columns the role may see, or ask a DBA to set filter_on_protected: allow for the role in the pgveil policy",
+                )
+                .about(policy, column),
+            );
+        }
+        if let Some(&column) = statement
+            .stored
+            .iter()
+            .find(|&&column| !matches!(policy.action(self.role, column), Action::Allow))
+        {
+            return Some(
+                denied(
+                    DenyReason::ExportDenied,
+                    policy.table_label(column),
+                    "42501",
+                    format!(
+                        "pgveil: the statement would copy values of column {} where the policy does not protect them (a table or a server file), and role {role} may not see it in plaintext",
+                        policy.column_label(column)
+                    ),
+                    "copy protected columns with a login whose role may see them in plaintext",
+                )
+                .about(policy, column),
+            );
+        }
+        if let Some(copy) = &statement.copy_out {
+            let sources: Sources = copy
+                .columns
+                .iter()
+                .flat_map(|column| match column {
+                    OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.iter(),
+                })
+                .copied()
+                .collect();
+            if let Some(&column) = sources.iter().next() {
+                if !policy.may_export(self.role) {
+                    return Some(
+                        denied(
+                            DenyReason::ExportDenied,
+                            policy.table_label(column),
+                            "42501",
+                            format!(
+                                "pgveil: COPY … TO of protected column {} is refused for role {role} (export: deny)",
+                                policy.column_label(column)
+                            ),
+                            "leave protected columns out of the COPY, or ask a DBA to allow exports for the role in the pgveil policy",
+                        )
+                        .about(policy, column),
+                    );
+                }
+                if let Err(reason) = &copy.format {
+                    return Some(denied(
+                        DenyReason::ExportDenied,
+                        policy.table_label(column),
+                        "42501",
+                        format!(
+                            "pgveil: COPY … TO with {reason} cannot be checked against the policy for role {role}"
+                        ),
+                        "use COPY … TO STDOUT in text, CSV or binary format without that option",
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// The refusal shown for a request the write path refused.
@@ -800,7 +1119,14 @@ impl ReadGuard {
                     .client_encoding_reported(&String::from_utf8_lossy(encoding));
             }
         }
+        let ends_query_statement = match (tag, state.next_expected()) {
+            (b'C' | b'I', Some(Expected::SimpleQuery { sent_after, .. })) => Some(*sent_after),
+            _ => None,
+        };
         let verdict = self.decide(state, tag, body)?;
+        if let Some(sent_after) = ends_query_statement {
+            self.lineage.query_statement_ended(sent_after);
+        }
         if verdict == Verdict::Forward && matches!(tag, b'E' | b'N') && !self.unrestricted() {
             // "Key (id_card)=(…) already exists", "invalid input syntax for type
             // integer: "…"": errors quote the values they tripped on.
@@ -890,16 +1216,8 @@ impl ReadGuard {
             b'H' | b'G' | b'W' => {
                 self.begin_execute_result(state)?;
                 if tag == b'H' && !self.unrestricted() {
-                    self.result = ResultState::Denied(denied(
-                        DenyReason::ExportDenied,
-                        UNKNOWN_TABLE.to_string(),
-                        "42501",
-                        format!(
-                            "pgveil: COPY ... TO is refused for role {}, which may not see every protected column in plaintext",
-                            self.role_name()
-                        ),
-                        "use SELECT, whose results pgveil masks per the policy",
-                    ));
+                    self.sync_protection();
+                    self.result = self.plan_copy_out(state, body)?;
                 } else if tag == b'H'
                     && self.audit_blocked()
                     && state
@@ -910,6 +1228,9 @@ impl ReadGuard {
                         ResultState::Denied(self.audit_refusal(UNKNOWN_TABLE.to_string()));
                 }
                 Ok(self.during_result())
+            }
+            b'd' | b'c' if matches!(self.result, ResultState::CopyOut(_)) => {
+                self.copy_out_data(tag, body)
             }
             b'd' | b'c' | b'N' => Ok(self.during_result()),
             b'C' | b'I' | b's' | b'E' => {
@@ -934,6 +1255,7 @@ impl ReadGuard {
                 if tag == b'C' {
                     self.note_command(command_tag(body));
                 }
+                self.row_limit = None;
                 match std::mem::replace(&mut self.result, ResultState::Idle) {
                     ResultState::Denied(report) if !fatal => {
                         // What the client sees instead of the statement's completion; the
@@ -953,6 +1275,7 @@ impl ReadGuard {
             }
             b'Z' => {
                 self.count_served();
+                self.row_limit = None;
                 self.result = ResultState::Idle;
                 self.on_ready_for_query(body);
                 Ok(Verdict::Forward)
@@ -1194,18 +1517,21 @@ impl ReadGuard {
             ));
             return Ok(());
         }
+        let (computed, row_key) = self.computed_now(state);
         // Only a description of the portal itself is trusted: the statement's was taken
         // when it was prepared, and what it reads may have changed since.
         self.result = match &found.described {
             None => ResultState::Undescribed { portal: name() },
             Some(None) => ResultState::NoRows { portal: name() },
-            Some(Some(columns)) => match self.plan(columns, modifies) {
-                Plan::Pass => {
+            Some(Some(columns)) => match self.plan(columns, modifies, &computed) {
+                Plan::Pass { protected } => {
                     self.served = self.served_counters(columns);
+                    self.start_row_limit(protected, row_key);
                     ResultState::Pass
                 }
                 Plan::Shape(shaping) => {
                     self.served = self.served_counters(columns);
+                    self.start_row_limit(shaping.protected, row_key);
                     ResultState::Shape(Arc::new(shaping))
                 }
                 Plan::Deny(report) => ResultState::Denied(report),
@@ -1257,9 +1583,10 @@ impl ReadGuard {
             return Ok(Verdict::Forward);
         }
         let columns = decode_row_description(body)?;
+        let (computed, row_key) = self.computed_now(state);
         // A Describe is answered before anything runs; the rows are checked again
         // when they come, with what the statement may fire.
-        let plan = self.plan(&columns, modifies);
+        let plan = self.plan(&columns, modifies, &computed);
         if let Plan::Unknown(oid) = plan {
             return Ok(Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
@@ -1283,12 +1610,18 @@ impl ReadGuard {
                 _ => forward(),
             });
         }
-        if matches!(plan, Plan::Pass | Plan::Shape(_)) {
+        if matches!(plan, Plan::Pass { .. } | Plan::Shape(_)) {
             self.served = self.served_counters(&columns);
         }
         let (result, verdict) = match plan {
-            Plan::Pass => (ResultState::Pass, forward()),
-            Plan::Shape(shaping) => (ResultState::Shape(Arc::new(shaping)), forward()),
+            Plan::Pass { protected } => {
+                self.start_row_limit(protected, row_key);
+                (ResultState::Pass, forward())
+            }
+            Plan::Shape(shaping) => {
+                self.start_row_limit(shaping.protected, row_key);
+                (ResultState::Shape(Arc::new(shaping)), forward())
+            }
             Plan::Deny(report) => (ResultState::Denied(report), Verdict::Drop),
             Plan::Unknown(_) => (ResultState::Idle, Verdict::Forward),
         };
@@ -1304,7 +1637,7 @@ impl ReadGuard {
             return Ok(Verdict::Drop);
         }
         let columns = decode_row_description(body)?;
-        Ok(match self.plan(&columns, false) {
+        Ok(match self.plan(&columns, false, &Computed::Nothing) {
             Plan::Unknown(oid) => Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: Some(oid),
@@ -1315,6 +1648,12 @@ impl ReadGuard {
     }
 
     fn on_data_row(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
+        if matches!(self.result, ResultState::Pass | ResultState::Shape(_)) {
+            if let Some(refusal) = self.count_row() {
+                self.result = ResultState::Denied(refusal);
+                return Ok(Verdict::Drop);
+            }
+        }
         match &self.result {
             ResultState::Pass => {
                 self.served_rows += 1;
@@ -1363,7 +1702,321 @@ impl ReadGuard {
                 Ok(Verdict::Drop)
             }
             ResultState::Idle => Err(GuardError::Unexpected("DataRow outside of a result".into())),
+            ResultState::CopyOut(_) => {
+                Err(GuardError::Unexpected("DataRow inside COPY data".into()))
+            }
         }
+    }
+
+    /// Where the columns of the result the server answers with now come from, and
+    /// the cursor or portal its rows are counted with.
+    fn computed_now(&mut self, state: &SessionState) -> (Computed, Option<RowKey>) {
+        let (statement, key) = match state.next_expected() {
+            Some(Expected::SimpleQuery { sent_after, .. }) => {
+                match self.lineage.answering_query(*sent_after) {
+                    Some(statement) => (statement, None),
+                    None => return (Computed::Nothing, None),
+                }
+            }
+            Some(
+                Expected::ExecuteResult { portal, .. } | Expected::PortalDescription { portal, .. },
+            ) => {
+                let bound_after = state.portal(portal).map_or(0, |p| p.bound_after);
+                let key = RowKey::Portal(portal.to_vec(), bound_after);
+                match self
+                    .sent
+                    .portals
+                    .get(&portal[..])
+                    .map(|(sent, _)| &sent.lineage)
+                {
+                    Some(SentLineage::Analysed(statement)) => (statement.clone(), Some(key)),
+                    Some(SentLineage::NotAnalysed) => return (Computed::Nothing, Some(key)),
+                    Some(SentLineage::Unseen) => {
+                        return (
+                            Computed::Unknown("a statement pgveil did not see prepared".into()),
+                            Some(key),
+                        )
+                    }
+                    // A cursor made by SQL DECLARE, executed as a portal.
+                    None => {
+                        let name = String::from_utf8_lossy(portal).into_owned();
+                        let computed = self.lineage.cursor(&name, &self.protection);
+                        return (computed, Some(RowKey::Cursor(name)));
+                    }
+                }
+            }
+            Some(Expected::StatementDescription { statement }) => {
+                match self
+                    .sent
+                    .statements
+                    .get(&statement[..])
+                    .map(|sent| &sent.lineage)
+                {
+                    Some(SentLineage::Analysed(statement)) => (statement.clone(), None),
+                    Some(SentLineage::NotAnalysed) => return (Computed::Nothing, None),
+                    _ => {
+                        return (
+                            Computed::Unknown("a statement pgveil did not see prepared".into()),
+                            None,
+                        )
+                    }
+                }
+            }
+            _ => return (Computed::Nothing, None),
+        };
+        let key = match SessionLineage::fetched_cursor(&statement) {
+            Some(cursor) => Some(RowKey::Cursor(cursor.to_string())),
+            None => key,
+        };
+        (self.lineage.computed(&statement, &self.protection), key)
+    }
+
+    /// Starts counting the rows of a result against the role's `max_rows`, when it
+    /// has protected columns.
+    fn start_row_limit(&mut self, protected: bool, key: Option<RowKey>) {
+        self.row_limit = match self.protection.policy.max_rows(self.role) {
+            Some(max) if protected => {
+                let counted = key
+                    .as_ref()
+                    .and_then(|key| self.rows_returned.get(key))
+                    .copied()
+                    .unwrap_or(0);
+                Some(RowLimit { max, counted, key })
+            }
+            _ => None,
+        };
+    }
+
+    /// Counts one row of the result being sent; the refusal when it is one more than
+    /// the role may have.
+    fn count_row(&mut self) -> Option<Box<Refusal>> {
+        let limit = self.row_limit.as_mut()?;
+        limit.counted += 1;
+        let mut over = limit.counted > limit.max;
+        if let Some(key) = &limit.key {
+            if !self.rows_returned.contains_key(key) && self.rows_returned.len() >= MAX_COUNTED {
+                // Portals end with their transaction; cursor counts must not be
+                // forgotten, or a cursor could return more than the limit.
+                self.rows_returned
+                    .retain(|key, _| matches!(key, RowKey::Cursor(_)));
+                over |= self.rows_returned.len() >= MAX_COUNTED;
+            }
+            self.rows_returned.insert(key.clone(), limit.counted);
+        }
+        over.then(|| self.row_limit_refusal())
+    }
+
+    fn row_limit_refusal(&self) -> Box<Refusal> {
+        let max = self.protection.policy.max_rows(self.role).unwrap_or(0);
+        denied(
+            DenyReason::RowLimit,
+            UNKNOWN_TABLE.to_string(),
+            "42501",
+            format!(
+                "pgveil: the statement returns more than {max} rows with protected columns, the most role {} may read at once (max_rows)",
+                self.role_name()
+            ),
+            "add a narrower WHERE or a LIMIT, fetch fewer rows from the cursor, or ask a DBA to raise max_rows for the role",
+        )
+    }
+
+    /// How the data of a COPY … TO STDOUT is treated, from the statement's lineage
+    /// (the server describes no columns for COPY).
+    fn plan_copy_out(
+        &mut self,
+        state: &SessionState,
+        body: &[u8],
+    ) -> Result<ResultState, GuardError> {
+        let role = self.role_name().to_string();
+        let cannot_tell = |what: &str| {
+            ResultState::Denied(denied(
+                DenyReason::ExportDenied,
+                UNKNOWN_TABLE.to_string(),
+                "42501",
+                format!("pgveil: cannot tell which columns this COPY … TO sends: {what} (role {role})"),
+                "COPY a table or a query through pgveil in text, CSV or binary format, in a statement of its own",
+            ))
+        };
+        let lineage = match self.computed_now(state).0 {
+            Computed::Nothing => return Ok(ResultState::Pass),
+            Computed::Unknown(what) => return Ok(cannot_tell(&what)),
+            Computed::Known(lineage) => lineage,
+        };
+        let Some(copy) = &lineage.copy_out else {
+            return Ok(cannot_tell("it is not a COPY pgveil analysed"));
+        };
+        let Some(formats) = copy_out_formats(body) else {
+            return Err(GuardError::Unexpected("malformed CopyOutResponse".into()));
+        };
+        let format = match &copy.format {
+            Ok(format) => format.clone(),
+            Err(reason) => return Ok(cannot_tell(reason)),
+        };
+        let any_many = copy
+            .columns
+            .iter()
+            .any(|column| matches!(column, OutputColumn::Many(_)));
+        let all_sources: Sources = copy
+            .columns
+            .iter()
+            .flat_map(|column| match column {
+                OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.iter(),
+            })
+            .copied()
+            .collect();
+        let Some(&first_source) = all_sources.iter().next() else {
+            return Ok(ResultState::Pass);
+        };
+        let policy = self.protection.policy.clone();
+        if !policy.may_export(self.role) {
+            return Ok(ResultState::Denied(
+                denied(
+                    DenyReason::ExportDenied,
+                    policy.table_label(first_source),
+                    "42501",
+                    format!(
+                        "pgveil: COPY … TO of protected column {} is refused for role {role} (export: deny)",
+                        policy.column_label(first_source)
+                    ),
+                    "leave protected columns out of the COPY, or ask a DBA to allow exports for the role in the pgveil policy",
+                )
+                .about(&policy, first_source),
+            ));
+        }
+        if any_many || copy.columns.len() != formats.len() {
+            return Ok(cannot_tell("its columns do not match the query's"));
+        }
+        let binary = matches!(format, CopyOutFormat::Binary);
+        if formats.iter().any(|&f| (f == BINARY_FORMAT) != binary) {
+            return Ok(cannot_tell("the server's format is not the statement's"));
+        }
+        if self.audit_blocked() {
+            return Ok(ResultState::Denied(
+                self.audit_refusal(policy.table_label(first_source)),
+            ));
+        }
+        let format_code = if binary { BINARY_FORMAT } else { 0 };
+        let mut treatments = Vec::new();
+        let mut decrypt = Vec::new();
+        let mut positions = Vec::new();
+        for (index, column) in copy.columns.iter().enumerate() {
+            let OutputColumn::One(sources) = column else {
+                continue;
+            };
+            if sources.is_empty() {
+                continue;
+            }
+            positions.push(index);
+            let source = match copy_column_copies(&lineage, index) {
+                Some(id) => ColumnSource::Protected(id),
+                None => ColumnSource::Derived(sources.iter().copied().collect()),
+            };
+            let name = format!("{}", index + 1);
+            match self.plan_column(index, &name, &source, format_code, None) {
+                Err(refusal) => return Ok(ResultState::Denied(refusal)),
+                Ok((treatment, decryption)) => {
+                    treatments.extend(treatment.map(|treatment| (index, treatment)));
+                    decrypt.extend(decryption);
+                }
+            }
+        }
+        self.start_row_limit(true, None);
+        let Some(&first_protected) = positions.first() else {
+            return Ok(ResultState::Pass);
+        };
+        Ok(ResultState::CopyOut(Box::new(CopyOutPlan {
+            rewriter: CopyOutRewriter::new(format, formats.len(), positions),
+            shaping: Arc::new(Shaping {
+                protected: true,
+                width: formats.len(),
+                decrypt,
+                columns: treatments,
+                hash_key: self.protection.hash_key.clone(),
+            }),
+            format: format_code,
+            first_protected,
+        })))
+    }
+
+    /// A CopyData or CopyDone of a COPY … TO STDOUT whose data is rewritten.
+    fn copy_out_data(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, GuardError> {
+        let ResultState::CopyOut(mut plan) = std::mem::replace(&mut self.result, ResultState::Idle)
+        else {
+            return Ok(self.during_result());
+        };
+        if tag == b'c' {
+            return Ok(match plan.rewriter.finish() {
+                Ok(()) => Verdict::Forward,
+                Err(error) => {
+                    debug!(%error, "COPY data ended in the middle of a row");
+                    self.result = ResultState::Denied(self.unreadable_copy());
+                    Verdict::Drop
+                }
+            });
+        }
+        let (mut counted, max) = match &self.row_limit {
+            Some(limit) => (limit.counted, Some(limit.max)),
+            None => (0, None),
+        };
+        let shaping = plan.shaping.clone();
+        let (format, first) = (plan.format, plan.first_protected);
+        let mut field = |index: usize, value: Option<&[u8]>| {
+            if index == first {
+                counted += 1;
+                if max.is_some_and(|max| counted > max) {
+                    return Err(CopyFieldFailure::RowLimit);
+                }
+            }
+            transform_field(&shaping, index, value, format).map_err(CopyFieldFailure::Decrypt)
+        };
+        let rewritten = plan.rewriter.push(body, &mut field);
+        if let Some(limit) = self.row_limit.as_mut() {
+            limit.counted = counted;
+        }
+        match rewritten {
+            Ok(data) => {
+                self.served_rows = counted;
+                self.result = ResultState::CopyOut(plan);
+                if data.is_empty() {
+                    return Ok(Verdict::Drop);
+                }
+                let mut frame = Vec::with_capacity(data.len() + 5);
+                encode_frame(&mut frame, b'd', &data);
+                Ok(Verdict::Replace(frame))
+            }
+            Err(CopyOutError::Field {
+                error: CopyFieldFailure::RowLimit,
+                ..
+            }) => {
+                self.result = ResultState::Denied(self.row_limit_refusal());
+                Ok(Verdict::Drop)
+            }
+            Err(CopyOutError::Field {
+                error: CopyFieldFailure::Decrypt(index),
+                ..
+            }) => {
+                self.result = ResultState::Denied(self.decrypt_failure(&shaping, index));
+                Ok(Verdict::Drop)
+            }
+            Err(CopyOutError::Malformed { row, problem }) => {
+                debug!(row, problem, "COPY data pgveil cannot read");
+                self.result = ResultState::Denied(self.unreadable_copy());
+                Ok(Verdict::Drop)
+            }
+        }
+    }
+
+    fn unreadable_copy(&self) -> Box<Refusal> {
+        denied(
+            DenyReason::ExportDenied,
+            UNKNOWN_TABLE.to_string(),
+            "42501",
+            format!(
+                "pgveil: the data of this COPY … TO cannot be read field by field, so its protected columns cannot be checked (role {})",
+                self.role_name()
+            ),
+            "use SELECT, whose results pgveil checks per the policy",
+        )
     }
 
     /// The refusal of a result whose column `index` holds a value that does not
@@ -1485,33 +2138,68 @@ impl ReadGuard {
 
     /// Checks every column of a result against the policy. `may_fire_rules`: the
     /// statement may modify data, so a column without a relation may carry what a rule
-    /// returned.
-    fn plan(&self, columns: &[FieldDescription], may_fire_rules: bool) -> Plan {
+    /// returned; `computed`: what the statement's computed columns come from.
+    fn plan(
+        &self,
+        columns: &[FieldDescription],
+        may_fire_rules: bool,
+        computed: &Computed,
+    ) -> Plan {
         let policy = &self.protection.policy;
         let rule_sources = self.protection.catalog.reading_rule_sources();
-        let rule_columns = ColumnSource::Derived(rule_sources.to_vec());
+        let computed_sources = match computed {
+            Computed::Known(lineage) => Some(field_sources(&lineage.outputs, columns.len())),
+            _ => None,
+        };
         let mut treatments = Vec::new();
         let mut decrypt = Vec::new();
-        // The first protected column of the result, for a refusal while the audit log
-        // cannot be written.
-        let mut first_protected: Option<&ColumnSource> = None;
+        // The table of the first protected column of the result, for a refusal while
+        // the audit log cannot be written.
+        let mut first_protected: Option<String> = None;
         for (index, field) in columns.iter().enumerate() {
             if field.table_oid != 0 {
                 if let Some(report) = self.in_doubt(field) {
                     return Plan::Deny(report);
                 }
             }
+            let column_name = String::from_utf8_lossy(&field.name);
+            let computed_source;
             let source = match self
                 .protection
                 .catalog
                 .lookup(field.table_oid, field.attnum)
             {
-                // Rules answer INSERT, UPDATE and DELETE with rows that name no
-                // relation.
-                Lookup::Unprotected
-                    if field.table_oid == 0 && may_fire_rules && !rule_sources.is_empty() =>
-                {
-                    &rule_columns
+                // A computed column (functions, casts, set operations, subqueries), or
+                // rows a rule returned: what the statement's lineage says it is
+                // computed from.
+                Lookup::Unprotected if field.table_oid == 0 => {
+                    if let Computed::Unknown(what) = computed {
+                        return Plan::Deny(denied(
+                            DenyReason::DerivedExpression,
+                            UNKNOWN_TABLE.to_string(),
+                            "42501",
+                            format!(
+                                "pgveil: cannot tell what column \"{column_name}\" is computed from: it comes from {what} (role {})",
+                                self.role_name()
+                            ),
+                            "declare the cursor or prepare the statement through pgveil in this session, or select the protected columns themselves",
+                        ));
+                    }
+                    let mut sources: Sources = match &computed_sources {
+                        Some(FieldSources::Exact(list)) => {
+                            list.get(index).cloned().unwrap_or_default()
+                        }
+                        Some(FieldSources::Any(all)) => all.clone(),
+                        None => Sources::new(),
+                    };
+                    if may_fire_rules {
+                        sources.extend(rule_sources.iter().copied());
+                    }
+                    if sources.is_empty() {
+                        continue;
+                    }
+                    computed_source = ColumnSource::Derived(sources.into_iter().collect());
+                    &computed_source
                 }
                 Lookup::Unprotected => continue,
                 Lookup::UnknownRelation => {
@@ -1522,161 +2210,216 @@ impl ReadGuard {
                 }
                 Lookup::Protected(source) => source,
             };
-            first_protected.get_or_insert(source);
-            let column_name = String::from_utf8_lossy(&field.name);
-            // Ciphertext is decrypted for every role that may see more than NULL; a
-            // value computed from ciphertext means nothing and is refused.
-            let mut logical_oid = field.type_oid;
-            match source {
-                ColumnSource::Protected(column)
-                    if policy.columns[*column].encrypt != EncryptMode::None =>
-                {
-                    match self.protection.ciphers.get(*column) {
-                        Some(crypto) => {
-                            logical_oid = crypto.logical.oid();
-                            if !matches!(
-                                policy.action(self.role, *column),
-                                Action::Redact | Action::Deny
-                            ) {
-                                decrypt.push((index, crypto.clone(), field.format));
-                            }
-                        }
-                        None => {
-                            return Plan::Deny(
-                                denied(
-                                    DenyReason::UnsupportedOnEncrypted,
-                                    policy.table_label(*column),
-                                    "XX001",
-                                    format!(
-                                        "pgveil: cannot decrypt column {}: {}",
-                                        policy.column_label(*column),
-                                        self.protection
-                                            .ciphers
-                                            .unusable
-                                            .get(column)
-                                            .map_or("it has no cipher", String::as_str)
-                                    ),
-                                    "fix the column's type or the keyring",
-                                )
-                                .about(policy, *column),
-                            )
-                        }
-                    }
+            first_protected.get_or_insert_with(|| source_table(policy, source));
+            match self.plan_column(
+                index,
+                &column_name,
+                source,
+                field.format,
+                Some(field.type_oid),
+            ) {
+                Err(refusal) => return Plan::Deny(refusal),
+                Ok((treatment, decryption)) => {
+                    treatments.extend(treatment.map(|treatment| (index, treatment)));
+                    decrypt.extend(decryption);
                 }
-                ColumnSource::Derived(sources) => {
-                    if let Some(&id) = sources
-                        .iter()
-                        .find(|&&id| policy.columns[id].encrypt != EncryptMode::None)
-                    {
-                        return Plan::Deny(denied(
-                            DenyReason::UnsupportedOnEncrypted,
-                            policy.table_label(id),
-                            "0A000",
-                            format!(
-                                "pgveil: column \"{column_name}\" is computed from the ciphertext of encrypted column {}, which cannot give a correct value",
-                                policy.column_label(id)
-                            ),
-                            "select the encrypted column itself, which pgveil decrypts, and compute in the application",
-                        ).about(policy, id));
-                    }
-                }
-                ColumnSource::Protected(_) => {}
-            }
-            let action = match source {
-                ColumnSource::Protected(column) => match policy.action(self.role, *column) {
-                    Action::Deny => {
-                        return Plan::Deny(denied(
-                            DenyReason::ColumnDenied,
-                            policy.table_label(*column),
-                            "42501",
-                            format!(
-                                "pgveil: permission denied for column {} (role {})",
-                                policy.column_label(*column),
-                                self.role_name()
-                            ),
-                            "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                        ).about(policy, *column))
-                    }
-                    other => other.clone(),
-                },
-                ColumnSource::Derived(sources) => {
-                    let strictest = sources
-                        .iter()
-                        .map(|&id| (id, policy.action(self.role, id)))
-                        .max_by_key(|(_, action)| action.strictness());
-                    match strictest {
-                        None | Some((_, Action::Allow)) => Action::Allow,
-                        Some((_, Action::Redact)) => Action::Redact,
-                        Some((id, Action::Deny)) => {
-                            return Plan::Deny(denied(
-                                DenyReason::DerivedExpression,
-                                policy.table_label(id),
-                                "42501",
-                                format!(
-                                    "pgveil: permission denied for column \"{column_name}\", computed from {} (role {})",
-                                    policy.column_label(id),
-                                    self.role_name()
-                                ),
-                                "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
-                            ).about(policy, id))
-                        }
-                        Some((id, Action::Mask(_))) => {
-                            // No mask is defined for a computed value: a mask of a
-                            // substring or a concatenation could reveal what the column's
-                            // own mask hides.
-                            return Plan::Deny(denied(
-                                DenyReason::DerivedExpression,
-                                policy.table_label(id),
-                                "42501",
-                                format!(
-                                    "pgveil: column \"{column_name}\" is computed from {}, which role {} may only see masked",
-                                    policy.column_label(id),
-                                    self.role_name()
-                                ),
-                                "select the protected column itself, so its mask applies",
-                            ).about(policy, id));
-                        }
-                    }
-                }
-            };
-            match action {
-                Action::Allow => {}
-                Action::Redact => treatments.push((index, Treatment::Redact)),
-                Action::Mask(mask) => {
-                    if field.format == BINARY_FORMAT && !is_text_like(logical_oid) {
-                        return Plan::Deny(denied(
-                            DenyReason::UnsupportedOnEncrypted,
-                            source_table(policy, source),
-                            "0A000",
-                            format!(
-                                "pgveil: cannot mask column \"{column_name}\" in binary format (type OID {}, role {})",
-                                field.type_oid,
-                                self.role_name()
-                            ),
-                            "request this column in text format",
-                        ));
-                    }
-                    treatments.push((index, Treatment::Mask(mask)));
-                }
-                Action::Deny => {}
             }
         }
-        if let Some(source) = first_protected {
+        let protected = first_protected.is_some();
+        if let Some(table) = first_protected {
             if self.audit_blocked() {
-                return Plan::Deny(self.audit_refusal(source_table(policy, source)));
+                return Plan::Deny(self.audit_refusal(table));
             }
         }
         if treatments.is_empty() && decrypt.is_empty() {
-            return Plan::Pass;
+            return Plan::Pass { protected };
         }
         Plan::Shape(Shaping {
+            protected,
             width: columns.len(),
             decrypt,
             columns: treatments,
             hash_key: self.protection.hash_key.clone(),
         })
     }
+
+    /// What one protected result column at `index` gets: its treatment, and its
+    /// decryption when it is encrypted; or the refusal of the statement. `type_oid`:
+    /// the column's type as the server reports it (`None`: not reported, as in COPY).
+    fn plan_column(
+        &self,
+        index: usize,
+        column_name: &str,
+        source: &ColumnSource,
+        format: i16,
+        type_oid: Option<u32>,
+    ) -> Result<ColumnPlan, Box<Refusal>> {
+        let policy = &self.protection.policy;
+        let mut decrypt = None;
+        // Ciphertext is decrypted for every role that may see more than NULL; a
+        // value computed from ciphertext means nothing and is refused.
+        let mut logical_oid = type_oid.unwrap_or(0);
+        match source {
+            ColumnSource::Protected(column)
+                if policy.columns[*column].encrypt != EncryptMode::None =>
+            {
+                match self.protection.ciphers.get(*column) {
+                    Some(crypto) => {
+                        logical_oid = crypto.logical.oid();
+                        if !matches!(
+                            policy.action(self.role, *column),
+                            Action::Redact | Action::Deny
+                        ) {
+                            decrypt = Some((index, crypto.clone(), format));
+                        }
+                    }
+                    None => {
+                        return Err(denied(
+                            DenyReason::UnsupportedOnEncrypted,
+                            policy.table_label(*column),
+                            "XX001",
+                            format!(
+                                "pgveil: cannot decrypt column {}: {}",
+                                policy.column_label(*column),
+                                self.protection
+                                    .ciphers
+                                    .unusable
+                                    .get(column)
+                                    .map_or("it has no cipher", String::as_str)
+                            ),
+                            "fix the column's type or the keyring",
+                        )
+                        .about(policy, *column))
+                    }
+                }
+            }
+            ColumnSource::Derived(sources) => {
+                if let Some(&id) = sources
+                    .iter()
+                    .find(|&&id| policy.columns[id].encrypt != EncryptMode::None)
+                {
+                    return Err(denied(
+                        DenyReason::UnsupportedOnEncrypted,
+                        policy.table_label(id),
+                        "0A000",
+                        format!(
+                            "pgveil: column \"{column_name}\" is computed from the ciphertext of encrypted column {}, which cannot give a correct value",
+                            policy.column_label(id)
+                        ),
+                        "select the encrypted column itself, which pgveil decrypts, and compute in the application",
+                    ).about(policy, id));
+                }
+            }
+            ColumnSource::Protected(_) => {}
+        }
+        let action = match source {
+            ColumnSource::Protected(column) => match policy.action(self.role, *column) {
+                Action::Deny => {
+                    return Err(denied(
+                        DenyReason::ColumnDenied,
+                        policy.table_label(*column),
+                        "42501",
+                        format!(
+                            "pgveil: permission denied for column {} (role {})",
+                            policy.column_label(*column),
+                            self.role_name()
+                        ),
+                        "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
+                    ).about(policy, *column))
+                }
+                other => other.clone(),
+            },
+            ColumnSource::Derived(sources) => {
+                let strictest = sources
+                    .iter()
+                    .map(|&id| (id, policy.action(self.role, id)))
+                    .max_by_key(|(_, action)| action.strictness());
+                match strictest {
+                    None | Some((_, Action::Allow)) => Action::Allow,
+                    Some((_, Action::Redact)) => Action::Redact,
+                    Some((id, Action::Deny)) => {
+                        return Err(denied(
+                            DenyReason::DerivedExpression,
+                            policy.table_label(id),
+                            "42501",
+                            format!(
+                                "pgveil: permission denied for column \"{column_name}\", computed from {} (role {})",
+                                policy.column_label(id),
+                                self.role_name()
+                            ),
+                            "leave the column out of the query, or ask a DBA to change its access in the pgveil policy",
+                        ).about(policy, id))
+                    }
+                    Some((id, Action::Mask(_))) => {
+                        // No mask is defined for a computed value: a mask of a
+                        // substring or a concatenation could reveal what the column's
+                        // own mask hides.
+                        return Err(denied(
+                            DenyReason::DerivedExpression,
+                            policy.table_label(id),
+                            "42501",
+                            format!(
+                                "pgveil: column \"{column_name}\" is computed from {}, which role {} may only see masked",
+                                policy.column_label(id),
+                                self.role_name()
+                            ),
+                            "select the protected column itself, so its mask applies",
+                        ).about(policy, id));
+                    }
+                }
+            }
+        };
+        match action {
+            Action::Allow => {}
+            Action::Redact => return Ok((Some(Treatment::Redact), decrypt)),
+            Action::Mask(mask) => {
+                if format == BINARY_FORMAT && !self.text_like(source, type_oid, logical_oid) {
+                    return Err(denied(
+                        DenyReason::UnsupportedOnEncrypted,
+                        source_table(policy, source),
+                        "0A000",
+                        format!(
+                            "pgveil: cannot mask column \"{column_name}\" in binary format (type OID {}, role {})",
+                            logical_oid,
+                            self.role_name()
+                        ),
+                        "request this column in text format",
+                    ));
+                }
+                return Ok((Some(Treatment::Mask(mask)), decrypt));
+            }
+            Action::Deny => {}
+        }
+        Ok((None, decrypt))
+    }
+
+    /// Whether a column's values in binary format are its text (so a mask can work on
+    /// them): from the reported type, else (COPY) from the catalog's type of the
+    /// protected column.
+    fn text_like(&self, source: &ColumnSource, type_oid: Option<u32>, logical_oid: u32) -> bool {
+        if type_oid.is_some() || logical_oid != 0 {
+            return is_text_like(logical_oid);
+        }
+        match source {
+            ColumnSource::Protected(column) => self
+                .protection
+                .catalog
+                .column_types
+                .get(column)
+                .is_some_and(|name| {
+                    name == "text"
+                        || name.starts_with("character")
+                        || name == "name"
+                        || name == "citext"
+                }),
+            ColumnSource::Derived(_) => false,
+        }
+    }
 }
+
+/// What one protected column of a result gets: its treatment, and (encrypted) its
+/// decryption: index, cipher, format.
+type ColumnPlan = (Option<Treatment>, Option<(usize, Arc<ColumnCrypto>, i16)>);
 
 /// The `table` label for a refusal about a column with this source.
 fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String {
@@ -1831,4 +2574,66 @@ fn shape_row(shaping: &Shaping, body: &[u8]) -> Result<Result<Vec<u8>, usize>, G
     let mut out = Vec::with_capacity(body.len() + 16);
     encode_data_row(&mut out, values.iter().map(|value| value.as_deref()));
     Ok(Ok(out))
+}
+
+/// The format code of each column of a CopyOutResponse (overall format, column count,
+/// per-column codes); `None` when the message is malformed.
+fn copy_out_formats(body: &[u8]) -> Option<Vec<i16>> {
+    let count = usize::try_from(i16::from_be_bytes(body.get(1..3)?.try_into().ok()?)).ok()?;
+    let codes = body.get(3..)?;
+    if codes.len() != count * 2 {
+        return None;
+    }
+    Some(
+        codes
+            .chunks_exact(2)
+            .map(|pair| i16::from_be_bytes([pair[0], pair[1]]))
+            .collect(),
+    )
+}
+
+/// The protected column a COPY … TO's column `index` holds unchanged, if it does (then
+/// it gets that column's own action, its mask or decryption, like a selected column).
+fn copy_column_copies(lineage: &StatementLineage, index: usize) -> Option<ColumnId> {
+    let _ = (lineage, index);
+    None
+}
+
+/// One field of a row as the role may see it: decrypted, then masked or redacted.
+/// `Err(index)`: the value does not decrypt.
+fn transform_field(
+    shaping: &Shaping,
+    index: usize,
+    value: Option<&[u8]>,
+    format: i16,
+) -> Result<FieldChange, usize> {
+    let mut current: Option<Cow<[u8]>> = value.map(Cow::Borrowed);
+    let mut changed = false;
+    if let Some((_, crypto, _)) = shaping.decrypt.iter().find(|(i, _, _)| *i == index) {
+        if let Some(stored) = current.as_deref() {
+            let plain = crypto
+                .open(stored, format)
+                .ok()
+                .and_then(|canonical| crypto.present(canonical, format).ok())
+                .ok_or(index)?;
+            current = Some(Cow::Owned(plain));
+            changed = true;
+        }
+    }
+    if let Some((_, treatment)) = shaping.columns.iter().find(|(i, _)| *i == index) {
+        match treatment {
+            Treatment::Redact => current = None,
+            Treatment::Mask(mask) => {
+                current = current
+                    .as_deref()
+                    .map(|value| Cow::Owned(mask.apply_bytes(value, shaping.hash_key.as_deref())));
+            }
+        }
+        changed = true;
+    }
+    Ok(if changed {
+        FieldChange::Replace(current.map(Cow::into_owned))
+    } else {
+        FieldChange::Keep
+    })
 }

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod copy_in;
 pub mod crypt;
 pub mod guard;
+pub mod lineage;
 pub mod negotiate;
 pub mod pump;
 pub mod state;

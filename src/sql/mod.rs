@@ -9,6 +9,7 @@
 
 pub mod encryption;
 pub mod lineage;
+pub mod plan_cache;
 
 use std::ops::Range;
 
