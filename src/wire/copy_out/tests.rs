@@ -224,7 +224,6 @@ fn text_escapes_in_kept_and_replaced_fields() {
         &[data],
         &mut replacing(&mut seen, |value| match value {
             Some(b"x") => replace(b"tab\there\\back\nline\rcr\x08\x0c\x0b\x01"),
-            Some(b"\\N") => FieldChange::Keep,
             _ => FieldChange::Keep,
         }),
     )
@@ -397,6 +396,31 @@ fn header_lines_pass_untouched() {
     )
     .unwrap();
     assert_eq!(out, b"a,b\n");
+}
+
+/// Protocol 3 has no end-of-data marker in the server's data: a line `\.` (here a NULL
+/// with the NULL string `\.`) is a row, and rows may follow it.
+#[test]
+fn a_backslash_point_line_is_a_row() {
+    for format in [
+        text(b'\t', b"\\.", false),
+        csv(b',', b'"', b'"', b"\\.", false),
+    ] {
+        let mut seen = Vec::new();
+        let out = rewrite(
+            format.clone(),
+            1,
+            &[0],
+            &[b"\\.\nx\n"],
+            &mut replacing(&mut seen, |value| match value {
+                None => replace(b"null"),
+                Some(_) => FieldChange::Replace(None),
+            }),
+        )
+        .unwrap();
+        assert_eq!(seen, [(0, None), (0, some(b"x"))], "{format:?}");
+        assert_eq!(out, b"null\n\\.\n", "{format:?}");
+    }
 }
 
 #[test]
