@@ -116,10 +116,10 @@ mod tests {
     #[test]
     fn evicts_the_oldest_past_the_byte_bound() {
         let mut cache = PlanCache::new(100, 30);
-        cache.insert(b"aaaa", Arc::new(1), 6);
-        cache.insert(b"bbbb", Arc::new(2), 6);
-        assert_eq!(cache.bytes(), 20);
-        cache.insert(b"cccc", Arc::new(3), 6);
+        cache.insert(b"aaaa", Arc::new(1), 8);
+        cache.insert(b"bbbb", Arc::new(2), 8);
+        assert_eq!(cache.bytes(), 24);
+        cache.insert(b"cccc", Arc::new(3), 8);
         assert!(cache.bytes() <= 30);
         assert_eq!(cache.get(b"aaaa"), None);
         assert_eq!(cache.get(b"bbbb").as_deref(), Some(&2));
