@@ -7,6 +7,25 @@
 //! column it counts as one, and a construct it does not know counts as computed from
 //! every protected column it mentions. It never decides what a role gets (the read
 //! guard does) and never puts a value of the statement into anything it returns.
+//! It never refuses either: what it cannot follow it reports (`Unsupported`, a run of
+//! columns of unknown length, everything a construct mentions).
+//!
+//! Rules, in short:
+//! - a value is computed from every column and whole-row reference in it: function
+//!   arguments, operators, casts, CASE, subqueries (their result columns), window
+//!   PARTITION BY/ORDER BY, aggregate ORDER BY/FILTER/WITHIN GROUP, and whatever a
+//!   construct not modelled here contains;
+//! - an unqualified name is looked up in the innermost FROM list that has a column of
+//!   that name (the union over its items), then outwards; a name that is no column
+//!   but an item's alias is the whole row; a relation name matches every schema's
+//!   relation of that name unless qualified (search_path is unknown);
+//! - conditions and orderings anywhere count as filters; AND, OR and NOT are judged
+//!   operand by operand.
+//!
+//! The allow-list (values that reveal nothing about the protected values): `count(*)`,
+//! `count(x)` and `count(ALL x)` with `x` a plain column or a whole row (not
+//! `count(DISTINCT x)`, which counts distinct values), and `x IS NULL` / `x IS NOT
+//! NULL` (neither a source nor a filter).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
@@ -214,8 +233,12 @@ fn bare(kind: StatementKind) -> StatementLineage {
     }
 }
 
-/// Rounds of the fixpoint of a WITH RECURSIVE before giving up on precision.
+/// Passes over the CTEs of one WITH RECURSIVE before giving up on precision.
 const MAX_ROUNDS: usize = 64;
+
+/// Evaluations of recursive CTE bodies per statement before giving up on precision:
+/// nested WITH RECURSIVE would otherwise multiply their rounds.
+const ROUND_BUDGET: usize = 256;
 
 /// A result column of a query, with the name outer queries and ORDER BY know it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,6 +513,8 @@ struct Walker<'k, 'a> {
     stored: Sources,
     /// A construct this analysis does not follow names this relation (`schema.name`).
     unsupported: Option<String>,
+    /// Evaluations of recursive CTE bodies so far (see [`ROUND_BUDGET`]).
+    rounds: usize,
 }
 
 /// The lineage of one parsed statement.
@@ -499,6 +524,7 @@ fn lineage(statement: &Statement, knowledge: &Knowledge) -> StatementLineage {
         filters: Sources::new(),
         stored: Sources::new(),
         unsupported: None,
+        rounds: 0,
     };
     let mut scopes = Vec::new();
     let mut kind = StatementKind::Plain;
@@ -771,6 +797,9 @@ impl Walker<'_, '_> {
             .map(|cte| (normalise(&cte.alias.name), placeholder(cte)))
             .collect();
         for _ in 0..MAX_ROUNDS {
+            if self.rounds >= ROUND_BUDGET {
+                break;
+            }
             let mut changed = false;
             for (index, cte) in with.cte_tables.iter().enumerate() {
                 let before = bound.get(index).map(|(_, outputs)| outputs.clone());
@@ -780,17 +809,35 @@ impl Walker<'_, '_> {
                     slot.1 = outputs;
                 }
             }
-            if !changed {
+            // A pass the budget cut short may look settled without being so.
+            if !changed && self.rounds < ROUND_BUDGET {
                 return bound;
             }
         }
-        saturate(&mut bound);
+        // Cut short (nested recursive CTEs multiply the rounds, so a statement has a
+        // budget): every CTE may hold anything the CTEs could read.
+        let mut all = Sources::new();
+        for cte in &with.cte_tables {
+            all.extend(self.everything(&cte.query, scopes));
+        }
+        for (_, outputs) in bound.iter_mut() {
+            *outputs = vec![Out::many(all.clone())];
+        }
+        // Walked once more with those bindings, for the conditions and writes inside.
+        for cte in &with.cte_tables {
+            scopes.push(Scope {
+                ctes: bound.clone(),
+                ..Scope::default()
+            });
+            let _ = self.query(&cte.query, scopes);
+            scopes.pop();
+        }
         bound
     }
 
     /// One CTE of a WITH RECURSIVE: its non-recursive branch, then the whole query
     /// with the CTE bound to what is known so far, column by column, until nothing
-    /// changes.
+    /// changes (or the budget runs out: the caller then gives up on precision).
     fn recursive_cte(
         &mut self,
         index: usize,
@@ -801,6 +848,7 @@ impl Walker<'_, '_> {
         let columns = &cte.alias.columns;
         let mut current = match cte.query.body.as_ref() {
             SetExpr::SetOperation { left, .. } => {
+                self.rounds += 1;
                 scopes.push(Scope {
                     ctes: bound.to_vec(),
                     ..Scope::default()
@@ -811,7 +859,8 @@ impl Walker<'_, '_> {
             }
             _ => placeholder(cte),
         };
-        for _ in 0..MAX_ROUNDS {
+        while self.rounds < ROUND_BUDGET {
+            self.rounds += 1;
             if let Some(slot) = bound.get_mut(index) {
                 slot.1 = current.clone();
             }
@@ -827,8 +876,31 @@ impl Walker<'_, '_> {
             }
             current = merged;
         }
-        let all = all_sources(&current);
-        saturate_outputs(&current, &all)
+        current
+    }
+
+    /// Everything a query could read: every protected column of the relations it
+    /// names and of every row and CTE in scope. The answer when a fixpoint is cut
+    /// short.
+    fn everything(&self, query: &Query, scopes: &[Scope]) -> Sources {
+        let mut all = Sources::new();
+        let _ = visit_relations(query, |name| {
+            for relation in self.candidates(name) {
+                for column in &relation.columns {
+                    all.extend(column.sources.iter().copied());
+                }
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        for scope in scopes {
+            for entry in &scope.entries {
+                all.extend(entry.whole());
+            }
+            for (_, outputs) in &scope.ctes {
+                all.extend(all_sources(outputs));
+            }
+        }
+        all
     }
 
     fn query_body(&mut self, query: &Query, scopes: &mut Vec<Scope>) -> Vec<Out> {
@@ -2312,24 +2384,6 @@ fn placeholder(cte: &Cte) -> Vec<Out> {
             .iter()
             .map(|c| Out::one(Some(normalise(&c.name)), Sources::new()))
             .collect()
-    }
-}
-
-/// Every column computed from `all` (a fixpoint that did not settle).
-fn saturate_outputs(outputs: &[Out], all: &Sources) -> Vec<Out> {
-    if outputs.iter().any(Out::is_many) {
-        return vec![Out::many(all.clone())];
-    }
-    outputs
-        .iter()
-        .map(|o| Out::one(o.name.clone(), all.clone()))
-        .collect()
-}
-
-fn saturate(bound: &mut [(String, Vec<Out>)]) {
-    let all: Sources = bound.iter().flat_map(|(_, o)| all_sources(o)).collect();
-    for (_, outputs) in bound.iter_mut() {
-        *outputs = saturate_outputs(outputs, &all);
     }
 }
 

@@ -1295,3 +1295,42 @@ fn field_sources_from_analysis() {
         FieldSources::Exact(expected)
     );
 }
+
+#[test]
+fn nested_recursive_ctes_are_cut_short_safely() {
+    // Each level nests another WITH RECURSIVE in its recursive branch; without a
+    // budget the rounds would multiply level by level (3^6 > the budget here; deeper
+    // nesting overflows the parser's stack in debug builds first).
+    let mut inner = String::from("SELECT phone AS v FROM customers");
+    for level in 0..6 {
+        inner = format!(
+            "WITH RECURSIVE r{level}(v) AS (SELECT 'x' UNION SELECT x.v FROM r{level}, ({inner}) x) SELECT v FROM r{level}"
+        );
+    }
+    let started = std::time::Instant::now();
+    // Cut short: everything the relations named could give, never less.
+    assert_eq!(single(&inner), set(&[NAME, PHONE, EMAIL, ID_CARD]));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Filters deep inside still count.
+    let sql = inner.replace("FROM customers", "FROM customers WHERE email > 'a'");
+    assert_eq!(filters(&sql), set(&[EMAIL]));
+}
+
+#[test]
+fn deep_nesting_stays_within_the_stack() {
+    // As deep as sqlparser itself parses on a test thread's stack in a debug build
+    // (one more level and the parser overflows first).
+    let mut expr = String::from("phone");
+    for _ in 0..16 {
+        expr = format!("upper(({expr}))");
+    }
+    assert_eq!(
+        single(&format!("SELECT {expr} FROM customers")),
+        set(&[PHONE])
+    );
+    let mut query = String::from("SELECT email FROM customers");
+    for _ in 0..6 {
+        query = format!("SELECT (SELECT * FROM ({query}) d) AS email");
+    }
+    assert_eq!(single(&query), set(&[EMAIL]));
+}
