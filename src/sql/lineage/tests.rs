@@ -830,6 +830,19 @@ fn stores() {
             "INSERT INTO orders (id, total) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET card = EXCLUDED.card",
             set(&[]),
         ),
+        // The INSERT writes phone into phone; the update moves it into note.
+        (
+            "INSERT INTO customers (id, phone) SELECT id, phone FROM customers ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.phone",
+            set(&[PHONE]),
+        ),
+        (
+            "INSERT INTO customers (id, phone) SELECT id, phone FROM customers ON CONFLICT (id) DO UPDATE SET phone = EXCLUDED.phone",
+            set(&[]),
+        ),
+        (
+            "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET note = c.email",
+            set(&[EMAIL]),
+        ),
         ("COPY customers TO '/tmp/x'", set(&[NAME, PHONE, EMAIL, ID_CARD])),
         ("COPY customers (id, email) TO PROGRAM 'cat'", set(&[EMAIL])),
         ("COPY (SELECT upper(phone) FROM customers) TO '/tmp/x' WITH (FORMAT csv)", set(&[PHONE])),
