@@ -24,17 +24,18 @@ use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    AssignmentTarget, BinaryOperator, CopyLegacyCsvOption, CopyLegacyOption, CopyOption,
-    CopySource, CopyTarget, Distinct, Expr, FromTable, FunctionArg, FunctionArgExpr,
-    FunctionArguments, GroupByExpr, Ident, ObjectName, ObjectNamePart, OnConflictAction, OnInsert,
-    OrderBy, OrderByExpr, OrderByKind, Query, Select, SelectItem, SelectItemQualifiedWildcardKind,
-    SetExpr, Spanned, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator,
-    UpdateTableFromKind, Value, Visit, Visitor,
+    AssignmentTarget, BinaryOperator, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
+    Distinct, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident,
+    ObjectName, ObjectNamePart, OnConflictAction, OnInsert, OrderBy, OrderByExpr, OrderByKind,
+    Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Spanned, Statement,
+    TableFactor, TableObject, TableWithJoins, UnaryOperator, UpdateTableFromKind, Value, Visit,
+    Visitor,
 };
 
-use super::Offsets;
+use super::{copy_data_format, name_parts, normalise, CopyDirection, Offsets};
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Policy};
+use crate::wire::copy_out::CopyOutFormat;
 use crate::wire::copy_rows::CopyFormat;
 
 /// What a relation column holds, as far as encryption goes.
@@ -315,23 +316,6 @@ struct Walker<'k, 'a> {
     analysis: Analysis,
     /// Spans of parameters consumed as encrypted values, per index.
     param_spans: Vec<(u32, Range<usize>)>,
-}
-
-fn normalise(ident: &Ident) -> String {
-    match ident.quote_style {
-        Some(_) => ident.value.clone(),
-        None => ident.value.to_lowercase(),
-    }
-}
-
-fn name_parts(name: &ObjectName) -> Vec<String> {
-    name.0
-        .iter()
-        .map(|part| match part {
-            ObjectNamePart::Identifier(ident) => normalise(ident),
-            ObjectNamePart::Function(_) => String::new(),
-        })
-        .collect()
 }
 
 fn is_comparison(op: &BinaryOperator) -> bool {
@@ -2071,87 +2055,16 @@ fn literal_text(value: &Value) -> Option<String> {
     }
 }
 
-/// Builds the COPY data format from its options; `Err` names what is not supported.
+/// Builds the COPY … FROM data format from its options; `Err` names what is not
+/// supported (binary data and FORCE options included).
 fn copy_format(
     options: &[CopyOption],
     legacy: &[CopyLegacyOption],
 ) -> Result<CopyFormat, &'static str> {
-    let mut csv = false;
-    let mut delimiter = None;
-    let mut null = None;
-    let mut header = false;
-    let mut quote = b'"';
-    let mut escape = None;
-    let byte = |c: char| u8::try_from(u32::from(c)).ok().filter(u8::is_ascii);
-    for option in options {
-        match option {
-            CopyOption::Format(name) => match name.value.to_lowercase().as_str() {
-                "csv" => csv = true,
-                "text" => csv = false,
-                _ => return Err("a binary or unknown FORMAT"),
-            },
-            CopyOption::Delimiter(c) => delimiter = Some(byte(*c).ok_or("a non-ASCII DELIMITER")?),
-            CopyOption::Null(s) => null = Some(s.as_bytes().to_vec()),
-            CopyOption::Header(h) => header = *h,
-            CopyOption::Quote(c) => quote = byte(*c).ok_or("a non-ASCII QUOTE")?,
-            CopyOption::Escape(c) => escape = Some(byte(*c).ok_or("a non-ASCII ESCAPE")?),
-            CopyOption::Encoding(name) => {
-                if !ascii_safe_encoding(name) {
-                    return Err("an ENCODING whose characters can contain ASCII bytes");
-                }
-            }
-            CopyOption::Freeze(_) => {}
-            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {
-                return Err("FORCE options")
-            }
-        }
+    match copy_data_format(options, legacy, CopyDirection::From)? {
+        CopyOutFormat::Rows(format) => Ok(format),
+        CopyOutFormat::Binary => Err("FORMAT binary"),
     }
-    for option in legacy {
-        match option {
-            CopyLegacyOption::Binary => return Err("FORMAT binary"),
-            CopyLegacyOption::Delimiter(c) => {
-                delimiter = Some(byte(*c).ok_or("a non-ASCII DELIMITER")?)
-            }
-            CopyLegacyOption::Null(s) => null = Some(s.as_bytes().to_vec()),
-            CopyLegacyOption::Csv(csv_options) => {
-                csv = true;
-                for csv_option in csv_options {
-                    match csv_option {
-                        CopyLegacyCsvOption::Header => header = true,
-                        CopyLegacyCsvOption::Quote(c) => {
-                            quote = byte(*c).ok_or("a non-ASCII QUOTE")?
-                        }
-                        CopyLegacyCsvOption::Escape(c) => {
-                            escape = Some(byte(*c).ok_or("a non-ASCII ESCAPE")?)
-                        }
-                        _ => return Err("FORCE options"),
-                    }
-                }
-            }
-            CopyLegacyOption::Header => header = true,
-            _ => return Err("options pgveil does not model"),
-        }
-    }
-    let format = if csv {
-        CopyFormat::Csv {
-            delimiter: delimiter.unwrap_or(b','),
-            quote,
-            escape: escape.unwrap_or(quote),
-            null: null.unwrap_or_default(),
-            header,
-        }
-    } else {
-        CopyFormat::Text {
-            delimiter: delimiter.unwrap_or(b'\t'),
-            null: null.unwrap_or_else(|| b"\\N".to_vec()),
-            header,
-        }
-    };
-    // The server refuses such options too; pgveil must not read the data otherwise.
-    format
-        .validate()
-        .map_err(|_| "options the server refuses")?;
-    Ok(format)
 }
 
 /// Whether every byte below 0x80 in text of the encoding `name` is that ASCII

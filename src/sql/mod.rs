@@ -13,10 +13,16 @@ pub mod plan_cache;
 
 use std::ops::Range;
 
-use sqlparser::ast::{CopyTarget, Statement};
+use sqlparser::ast::{
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopyTarget, Ident, ObjectName,
+    ObjectNamePart, Statement,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Span, Token, Tokenizer};
+
+use crate::wire::copy_out::CopyOutFormat;
+use crate::wire::copy_rows::CopyFormat;
 
 /// The statements of `sql`, or the parser's complaint (which may quote the text, so it
 /// is for logs at debug level only, never for clients).
@@ -59,6 +65,165 @@ fn statement_count(sql: &str) -> Result<usize, String> {
         }
     }
     Ok(count + usize::from(current_has_tokens))
+}
+
+/// An identifier as PostgreSQL resolves it: unquoted folds to lower case, quoted is
+/// kept as written.
+pub(crate) fn normalise(ident: &Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    }
+}
+
+/// The normalised parts of a dotted name (`schema.table`); a part that is not an
+/// identifier is empty.
+pub(crate) fn name_parts(name: &ObjectName) -> Vec<String> {
+    name.0
+        .iter()
+        .map(|part| match part {
+            ObjectNamePart::Identifier(ident) => normalise(ident),
+            ObjectNamePart::Function(_) => String::new(),
+        })
+        .collect()
+}
+
+/// Which way a COPY moves data, for the options each direction allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyDirection {
+    /// COPY … FROM: pgveil reads (and may rewrite) the client's rows; binary data and
+    /// the FORCE options are not modelled.
+    From,
+    /// COPY … TO: pgveil reads the server's rows; binary data is modelled, and
+    /// FORCE_QUOTE only changes quoting, which the reader follows.
+    To,
+}
+
+/// Builds the format of a COPY's data from its options; `Err` names what is not
+/// supported (for the message).
+pub(crate) fn copy_data_format(
+    options: &[CopyOption],
+    legacy: &[CopyLegacyOption],
+    direction: CopyDirection,
+) -> Result<CopyOutFormat, &'static str> {
+    let to = direction == CopyDirection::To;
+    let mut binary = false;
+    let mut csv = false;
+    let mut delimiter = None;
+    let mut null = None;
+    let mut header = false;
+    let mut quote = b'"';
+    let mut escape = None;
+    // Options that only make sense for text or CSV data (binary refuses them).
+    let mut row_options = false;
+    let mut force_quote = false;
+    let byte = |c: char| u8::try_from(u32::from(c)).ok().filter(u8::is_ascii);
+    for option in options {
+        match option {
+            CopyOption::Format(name) => match name.value.to_lowercase().as_str() {
+                "csv" => (csv, binary) = (true, false),
+                "text" => (csv, binary) = (false, false),
+                "binary" if to => (csv, binary) = (false, true),
+                _ if to => return Err("an unknown FORMAT"),
+                _ => return Err("a binary or unknown FORMAT"),
+            },
+            CopyOption::Delimiter(c) => {
+                delimiter = Some(byte(*c).ok_or("a non-ASCII DELIMITER")?);
+                row_options = true;
+            }
+            CopyOption::Null(s) => {
+                null = Some(s.as_bytes().to_vec());
+                row_options = true;
+            }
+            CopyOption::Header(h) => {
+                header = *h;
+                row_options = true;
+            }
+            CopyOption::Quote(c) => {
+                quote = byte(*c).ok_or("a non-ASCII QUOTE")?;
+                row_options = true;
+            }
+            CopyOption::Escape(c) => {
+                escape = Some(byte(*c).ok_or("a non-ASCII ESCAPE")?);
+                row_options = true;
+            }
+            CopyOption::Encoding(name) => {
+                if !encryption::ascii_safe_encoding(name) {
+                    return Err("an ENCODING whose characters can contain ASCII bytes");
+                }
+            }
+            CopyOption::Freeze(_) => {}
+            CopyOption::ForceQuote(_) if to => force_quote = true,
+            CopyOption::ForceQuote(_) | CopyOption::ForceNotNull(_) | CopyOption::ForceNull(_) => {
+                return Err("FORCE options")
+            }
+        }
+    }
+    for option in legacy {
+        match option {
+            CopyLegacyOption::Binary if to => binary = true,
+            CopyLegacyOption::Binary => return Err("FORMAT binary"),
+            CopyLegacyOption::Delimiter(c) => {
+                delimiter = Some(byte(*c).ok_or("a non-ASCII DELIMITER")?);
+                row_options = true;
+            }
+            CopyLegacyOption::Null(s) => {
+                null = Some(s.as_bytes().to_vec());
+                row_options = true;
+            }
+            CopyLegacyOption::Csv(csv_options) => {
+                csv = true;
+                for csv_option in csv_options {
+                    match csv_option {
+                        CopyLegacyCsvOption::Header => header = true,
+                        CopyLegacyCsvOption::Quote(c) => {
+                            quote = byte(*c).ok_or("a non-ASCII QUOTE")?
+                        }
+                        CopyLegacyCsvOption::Escape(c) => {
+                            escape = Some(byte(*c).ok_or("a non-ASCII ESCAPE")?)
+                        }
+                        CopyLegacyCsvOption::ForceQuote(_) if to => force_quote = true,
+                        _ => return Err("FORCE options"),
+                    }
+                }
+            }
+            CopyLegacyOption::Header => {
+                header = true;
+                row_options = true;
+            }
+            _ => return Err("options pgveil does not model"),
+        }
+    }
+    if binary {
+        // The server refuses text and CSV options on binary data.
+        if csv || row_options || force_quote {
+            return Err("options the server refuses");
+        }
+        return Ok(CopyOutFormat::Binary);
+    }
+    if force_quote && !csv {
+        return Err("options the server refuses");
+    }
+    let format = if csv {
+        CopyFormat::Csv {
+            delimiter: delimiter.unwrap_or(b','),
+            quote,
+            escape: escape.unwrap_or(quote),
+            null: null.unwrap_or_default(),
+            header,
+        }
+    } else {
+        CopyFormat::Text {
+            delimiter: delimiter.unwrap_or(b'\t'),
+            null: null.unwrap_or_else(|| b"\\N".to_vec()),
+            header,
+        }
+    };
+    // The server refuses such options too; pgveil must not read the data otherwise.
+    format
+        .validate()
+        .map_err(|_| "options the server refuses")?;
+    Ok(CopyOutFormat::Rows(format))
 }
 
 /// Converts sqlparser's line/column positions (1-based, columns counted in characters)
