@@ -1907,7 +1907,7 @@ impl ReadGuard {
                 continue;
             }
             positions.push(index);
-            let source = match copy_column_copies(&lineage, index) {
+            let source = match copy.copies.get(index).copied().flatten() {
                 Some(id) => ColumnSource::Protected(id),
                 None => ColumnSource::Derived(sources.iter().copied().collect()),
             };
@@ -2169,10 +2169,11 @@ impl ReadGuard {
                 .catalog
                 .lookup(field.table_oid, field.attnum)
             {
-                // A computed column (functions, casts, set operations, subqueries), or
-                // rows a rule returned: what the statement's lineage says it is
-                // computed from.
-                Lookup::Unprotected if field.table_oid == 0 => {
+                // A computed column (functions, casts, set operations, subqueries; table
+                // OID 0), a whole-row reference (`SELECT c FROM customers c`: the
+                // relation's OID with attribute number 0), or rows a rule returned: what
+                // the statement's lineage says it is computed from.
+                Lookup::Unprotected if field.table_oid == 0 || field.attnum == 0 => {
                     if let Computed::Unknown(what) = computed {
                         return Plan::Deny(denied(
                             DenyReason::DerivedExpression,
@@ -2330,10 +2331,17 @@ impl ReadGuard {
                 other => other.clone(),
             },
             ColumnSource::Derived(sources) => {
+                // A computed value cannot be masked safely (a mask of a substring or a
+                // concatenation could reveal what the column's own mask hides), so a
+                // masked source refuses it like a denied one, before a redacted one
+                // could make it NULL.
                 let strictest = sources
                     .iter()
                     .map(|&id| (id, policy.action(self.role, id)))
-                    .max_by_key(|(_, action)| action.strictness());
+                    .max_by_key(|(_, action)| match action {
+                        Action::Mask(_) => Action::Deny.strictness(),
+                        other => other.strictness(),
+                    });
                 match strictest {
                     None | Some((_, Action::Allow)) => Action::Allow,
                     Some((_, Action::Redact)) => Action::Redact,
@@ -2590,13 +2598,6 @@ fn copy_out_formats(body: &[u8]) -> Option<Vec<i16>> {
             .map(|pair| i16::from_be_bytes([pair[0], pair[1]]))
             .collect(),
     )
-}
-
-/// The protected column a COPY … TO's column `index` holds unchanged, if it does (then
-/// it gets that column's own action, its mask or decryption, like a selected column).
-fn copy_column_copies(lineage: &StatementLineage, index: usize) -> Option<ColumnId> {
-    let _ = (lineage, index);
-    None
 }
 
 /// One field of a row as the role may see it: decrypted, then masked or redacted.

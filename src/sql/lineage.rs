@@ -123,6 +123,10 @@ pub enum StatementKind {
 /// A COPY … TO STDOUT: the format of its data and its columns, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyOut {
+    /// For each column, the protected column it holds unchanged (a column of the table
+    /// COPY names, which then gets that column's own treatment like a selected column);
+    /// `None`: computed, or not known to be a plain copy.
+    pub copies: Vec<Option<ColumnId>>,
     /// `Err`: options pgveil cannot read the data under (the reason, for the message).
     pub format: Result<CopyOutFormat, &'static str>,
     pub columns: Vec<OutputColumn>,
@@ -158,6 +162,15 @@ pub struct Unparseable(pub String);
 /// The lineage of every statement of `sql`, in order. `Err` when the text does not
 /// parse (see [`super::parse`]).
 pub fn analyse(sql: &str, knowledge: &Knowledge) -> Result<Vec<StatementLineage>, Unparseable> {
+    // `U&"p\0068one"` is `phone` to PostgreSQL, but the parser keeps the escapes: names
+    // spelled so cannot be resolved.
+    if sql
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&' && w[2] == b'"')
+    {
+        return Err(Unparseable("a Unicode-escaped identifier (U&\"…\")".into()));
+    }
     match super::parse(sql) {
         Ok(statements) => Ok(statements
             .iter()
@@ -2197,6 +2210,10 @@ impl Walker<'_, '_> {
         if !to {
             return None;
         }
+        // Only the columns of a table named by COPY are known to be plain copies: a
+        // query's result columns may be computed (a mask of a computed value could
+        // reveal what the column's own mask hides).
+        let mut copies = Vec::new();
         let columns: Vec<OutputColumn> = match source {
             CopySource::Query(query) => self
                 .query(query, scopes)
@@ -2218,8 +2235,33 @@ impl Walker<'_, '_> {
                             .collect()
                     }
                 } else if columns.is_empty() {
+                    if let [table] = candidates.as_slice() {
+                        if !table.is_view {
+                            copies = table
+                                .columns
+                                .iter()
+                                .filter(|c| !c.generated)
+                                .map(single_source)
+                                .collect();
+                        }
+                    }
                     copied_columns(&candidates)
                 } else {
+                    if let [table] = candidates.as_slice() {
+                        if !table.is_view {
+                            copies = columns
+                                .iter()
+                                .map(|column| {
+                                    let name = normalise(column);
+                                    table
+                                        .columns
+                                        .iter()
+                                        .find(|c| c.name == name)
+                                        .and_then(single_source)
+                                })
+                                .collect();
+                        }
+                    }
                     columns
                         .iter()
                         .map(|column| {
@@ -2238,10 +2280,14 @@ impl Walker<'_, '_> {
             }
         };
         match target {
-            CopyTarget::Stdout => Some(CopyOut {
-                format: copy_data_format(options, legacy_options, CopyDirection::To),
-                columns,
-            }),
+            CopyTarget::Stdout => {
+                copies.resize(columns.len(), None);
+                Some(CopyOut {
+                    format: copy_data_format(options, legacy_options, CopyDirection::To),
+                    columns,
+                    copies,
+                })
+            }
             CopyTarget::File { .. } | CopyTarget::Program { .. } => {
                 for column in &columns {
                     match column {
@@ -2254,6 +2300,14 @@ impl Walker<'_, '_> {
             }
             CopyTarget::Stdin => None,
         }
+    }
+}
+
+/// The protected column a table column holds, when it holds exactly one.
+fn single_source(column: &RelationColumn) -> Option<ColumnId> {
+    match column.sources.iter().collect::<Vec<_>>().as_slice() {
+        [only] => Some(**only),
+        _ => None,
     }
 }
 
