@@ -157,9 +157,15 @@ async fn denials_are_counted_by_role_reason_and_table() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&error), "42501");
-    // COPY TO: export_denied.
+    // A copy into a server file: export_denied.
     let error = clerk
-        .simple_query("COPY customers TO STDOUT")
+        .simple_query("COPY (SELECT phone FROM customers) TO '/tmp/pgveil-never-written'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error), "42501");
+    // A condition on a masked L3 column: filter_on_protected.
+    let error = clerk
+        .simple_query("SELECT id FROM customers WHERE phone LIKE '138%'")
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&error), "42501");
@@ -190,7 +196,16 @@ async fn denials_are_counted_by_role_reason_and_table() {
         1.0,
         "{metrics}"
     );
-    assert_eq!(denied("export_denied", "unknown"), 1.0, "{metrics}");
+    assert_eq!(
+        denied("export_denied", "public.customers"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        denied("filter_on_protected", "public.customers"),
+        1.0,
+        "{metrics}"
+    );
     assert!(!metrics.contains(PHONE) && !metrics.contains("110105"));
     // CI lints this exposition with `promtool check metrics` (see .ci/run).
     let exposition = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pgveil-metrics.prom");

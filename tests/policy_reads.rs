@@ -516,12 +516,24 @@ async fn binary_results_of_non_text_columns_cannot_be_masked() {
 }
 
 #[tokio::test]
-async fn copy_to_is_refused_for_restricted_roles() {
+async fn copy_to_follows_the_read_rules_of_the_role() {
     let proxy = proxy();
-    let output = proxy.psql("alice", ["-c", "COPY customers TO STDOUT"]);
+    // support may export: the COPY data is masked like a SELECT.
+    let output = proxy.psql("alice", ["-c", "COPY customers (id, phone) TO STDOUT"]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("1\t138****5678"), "{stdout}");
+    assert!(!stdout.contains(PHONE));
+    // A column computed from a masked one is refused, as in a SELECT.
+    let output = proxy.psql(
+        "alice",
+        ["-c", "COPY (SELECT upper(phone) FROM customers) TO STDOUT"],
+    );
     assert!(!output.status.success());
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("COPY ... TO is refused for role support")
+        String::from_utf8_lossy(&output.stderr).contains("42501")
+            || String::from_utf8_lossy(&output.stderr).contains("pgveil:"),
+        "{output:?}"
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains(PHONE));
     let output = proxy.psql("billing_svc", ["-c", "COPY customers (phone) TO STDOUT"]);
@@ -534,7 +546,7 @@ async fn copy_to_is_refused_for_restricted_roles() {
             "-v",
             "ON_ERROR_STOP=0",
             "-c",
-            "COPY customers TO STDOUT",
+            "COPY (SELECT upper(phone) FROM customers) TO STDOUT",
             "-c",
             "SELECT 7",
         ],
