@@ -268,6 +268,9 @@ struct Worker {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// Stack of each worker thread (reserved address space; pages are used as touched).
+const WORKER_STACK_BYTES: usize = 64 << 20;
+
 impl Worker {
     fn start(index: usize, ctx: Arc<ProxyContext>) -> Result<Worker, ServerError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -279,6 +282,10 @@ impl Worker {
         let worker_load = Arc::clone(&load);
         let thread = std::thread::Builder::new()
             .name(format!("pgveil-worker-{index}"))
+            // sqlparser recurses once per nesting level of a statement (up to its
+            // limit of 50); deep statements need more than the default 2 MiB, and a
+            // stack overflow would end every session of the process.
+            .stack_size(WORKER_STACK_BYTES)
             .spawn(move || runtime.block_on(serve_connections(inbox, ctx, worker_load)))
             .map_err(ServerError::Runtime)?;
         Ok(Worker {

@@ -1070,6 +1070,20 @@ async fn copy_to_stdout_follows_export_and_masks() {
         format!("expected {text:?}, got {}", outcome.summary()),
     );
 
+    // A query that selects the columns themselves is masked the same way.
+    let outcome = attempt_copy(
+        &exporter,
+        EXPORTER,
+        "COPY (SELECT c.id, c.name, phone, email FROM customers c WHERE c.id > 0) TO STDOUT",
+    )
+    .await;
+    checks.no_plaintext(&outcome);
+    checks.that(
+        &outcome.label,
+        outcome.error.is_none() && sorted_lines(&outcome) == text,
+        format!("expected {text:?}, got {}", outcome.summary()),
+    );
+
     let mut csv = vec!["id,name,phone,email".to_string()];
     csv.extend(masked.iter().map(|row| {
         row.iter()
@@ -1441,6 +1455,22 @@ async fn unparseable_statements_naming_a_protected_table_are_refused() {
         (SUPPORT, &support, "CLUSTER customers"),
     ] {
         checks.denied(&attempt(client, login, sql).await);
+    }
+    // Nested as deep as the parser goes, and deeper: analysed or refused, and the
+    // process (every other session) survives it.
+    for depth in [40, 200] {
+        let sql = format!(
+            "SELECT {}upper(phone){} FROM customers",
+            "lower(".repeat(depth),
+            ")".repeat(depth)
+        );
+        checks.denied(&attempt(&guest, GUEST, &sql).await);
+        let sql = format!(
+            "SELECT {}phone FROM customers LIMIT 1{}",
+            "(SELECT ".repeat(depth),
+            ")".repeat(depth)
+        );
+        checks.denied(&attempt(&guest, GUEST, &sql).await);
     }
     // An unparseable statement that names no protected table is not pgveil's business.
     let outcome = attempt(&guest, GUEST, "SELECT id FROM orders FOR NO KEY UPDATE").await;

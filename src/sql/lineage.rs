@@ -275,6 +275,10 @@ struct Out {
     /// run of columns.
     name: Option<String>,
     column: OutputColumn,
+    /// The protected column it holds unchanged: a select-list item that is a plain
+    /// reference to a column of a table in this query's own FROM list (not through a
+    /// derived table, CTE or view, where it could be computed). Only COPY uses it.
+    copy: Option<ColumnId>,
 }
 
 impl Out {
@@ -282,6 +286,7 @@ impl Out {
         Out {
             name,
             column: OutputColumn::One(sources),
+            copy: None,
         }
     }
 
@@ -289,6 +294,7 @@ impl Out {
         Out {
             name: None,
             column: OutputColumn::Many(sources),
+            copy: None,
         }
     }
 
@@ -357,6 +363,9 @@ struct Entry {
     open: Option<Sources>,
     /// What `*` and `alias.*` expand to.
     expansion: Vec<Out>,
+    /// Columns that hold one protected column unchanged, by name: those of a single
+    /// table (not a view) in knowledge.
+    copies: Vec<(String, ColumnId)>,
 }
 
 impl Entry {
@@ -466,6 +475,23 @@ impl Entry {
                     .collect(),
             )],
         };
+        let copies = match candidates {
+            [table] if !table.is_view => renamed
+                .first()
+                .map(|columns| {
+                    columns
+                        .iter()
+                        .filter_map(
+                            |(name, sources)| match sources.iter().collect::<Vec<_>>()[..] {
+                                [only] => Some((name.clone(), *only)),
+                                _ => None,
+                            },
+                        )
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         Entry {
             alias,
             relations: candidates
@@ -475,6 +501,7 @@ impl Entry {
             columns: renamed.into_iter().flatten().collect(),
             open: None,
             expansion,
+            copies,
         }
     }
 
@@ -489,6 +516,7 @@ impl Entry {
                 .collect(),
             open: Some(Sources::new()),
             expansion: vec![Out::many(Sources::new())],
+            copies: Vec::new(),
         }
     }
 
@@ -520,6 +548,7 @@ impl Entry {
             // A composite result may have more columns than the alias names.
             open: Some(sources),
             expansion,
+            copies: Vec::new(),
         }
     }
 }
@@ -1182,11 +1211,15 @@ impl Walker<'_, '_> {
             match item {
                 SelectItem::UnnamedExpr(expr) => {
                     let sources = self.value(expr, scopes);
-                    outputs.push(Out::one(column_name(expr), sources));
+                    let mut out = Out::one(column_name(expr), sources);
+                    out.copy = Self::copied_column(expr, scopes);
+                    outputs.push(out);
                 }
                 SelectItem::ExprWithAlias { expr, alias } => {
                     let sources = self.value(expr, scopes);
-                    outputs.push(Out::one(Some(normalise(alias)), sources));
+                    let mut out = Out::one(Some(normalise(alias)), sources);
+                    out.copy = Self::copied_column(expr, scopes);
+                    outputs.push(out);
                 }
                 SelectItem::ExprWithAliases { expr, aliases } => {
                     let sources = self.value(expr, scopes);
@@ -1531,6 +1564,46 @@ impl Walker<'_, '_> {
             }
         }
         None
+    }
+
+    /// The protected column a select-list item holds unchanged: a plain reference
+    /// (`phone`, `c.phone`) that can only mean a column of one table of the innermost
+    /// FROM list that has it (no other entry there has that name or could have it).
+    fn copied_column(expr: &Expr, scopes: &[Scope]) -> Option<ColumnId> {
+        let (qualifier, name) = match strip_nested(expr) {
+            Expr::Identifier(ident) => (None, normalise(ident)),
+            Expr::CompoundIdentifier(idents) => match idents.as_slice() {
+                [alias, column] => (Some(normalise(alias)), normalise(column)),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let scope = scopes.last()?;
+        let candidates: Vec<&Entry> = match &qualifier {
+            Some(alias) => scope.entries.iter().filter(|e| e.alias == *alias).collect(),
+            None => {
+                if scope
+                    .entries
+                    .iter()
+                    .any(|e| e.open.is_some() && e.column(&name).is_none())
+                {
+                    return None;
+                }
+                scope
+                    .entries
+                    .iter()
+                    .filter(|e| e.column(&name).is_some())
+                    .collect()
+            }
+        };
+        let [entry] = candidates.as_slice() else {
+            return None;
+        };
+        let mut copies = entry.copies.iter().filter(|(column, _)| *column == name);
+        match (copies.next(), copies.next()) {
+            (Some((_, id)), None) => Some(*id),
+            _ => None,
+        }
     }
 
     /// What a (possibly qualified) name refers to; `None`: nothing in scope.
@@ -2230,11 +2303,11 @@ impl Walker<'_, '_> {
         // reveal what the column's own mask hides).
         let mut copies = Vec::new();
         let columns: Vec<OutputColumn> = match source {
-            CopySource::Query(query) => self
-                .query(query, scopes)
-                .into_iter()
-                .map(|o| o.column)
-                .collect(),
+            CopySource::Query(query) => {
+                let outputs = self.query(query, scopes);
+                copies = outputs.iter().map(|o| o.copy).collect();
+                outputs.into_iter().map(|o| o.column).collect()
+            }
             CopySource::Table {
                 table_name,
                 columns,

@@ -947,6 +947,41 @@ fn copy_to_stdout_columns() {
             header: true,
         }))
     );
+    assert_eq!(copy.copies, vec![None]);
+    // Which columns are plain copies of a protected column (they get its own mask).
+    for (sql, expected) in [
+        (
+            "COPY customers (id, phone, email) TO STDOUT",
+            vec![None, Some(PHONE), Some(EMAIL)],
+        ),
+        (
+            "COPY (SELECT c.id, c.phone AS p, name, phone || '' FROM customers c WHERE id > 1) TO STDOUT",
+            vec![None, Some(PHONE), Some(NAME), None],
+        ),
+        // Through a view, or a table whose name two schemas share: not known.
+        ("COPY (SELECT contact FROM v_masked) TO STDOUT", vec![None]),
+        ("COPY (SELECT iban FROM accounts) TO STDOUT", vec![None]),
+        // Through a derived table or CTE by name: not followed.
+        (
+            "COPY (SELECT d.phone FROM (SELECT phone FROM customers) d) TO STDOUT",
+            vec![None],
+        ),
+        (
+            "COPY (WITH t AS (SELECT upper(phone) AS phone FROM customers) SELECT phone FROM t) TO STDOUT",
+            vec![None],
+        ),
+        // A name another entry of the FROM list could also hold.
+        (
+            "COPY (SELECT phone FROM customers, unknown_table) TO STDOUT",
+            vec![None],
+        ),
+        (
+            "COPY (SELECT phone FROM customers UNION SELECT 'x') TO STDOUT",
+            vec![None],
+        ),
+    ] {
+        assert_eq!(copy_out(sql).copies, expected, "{sql}");
+    }
     // COPY … TO STDOUT stores nothing.
     assert_eq!(stored("COPY customers TO STDOUT"), set(&[]));
     // COPY … FROM: not this module's business.
