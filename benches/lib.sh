@@ -22,6 +22,15 @@
 #                                     postgres options, e.g. "-c max_connections=100"
 #   wait_ready PORT PID NAME LOG [USER [DB]]
 #                                     until `SELECT 1` passes through PORT (PID must live)
+#   bench_start_pgveil NAME PORT LOG USER DB [RUN-ARGS...]
+#                                     starts `$PGVEIL run RUN-ARGS` in the background with
+#                                     its working directory in $TMP (so no config/pgveil.yaml
+#                                     of the repo is picked up), PGVEIL_LOG (default warn),
+#                                     --workers $PGVEIL_WORKERS when set, output to LOG; has
+#                                     it stopped on exit and waits until USER can run
+#                                     SELECT 1 on DB through 127.0.0.1:PORT; sets
+#                                     BENCH_PGVEIL_PID
+#   bench_exit_on_failures            uses FAILURES; shows the tail of $TMP/pgveil*.log
 #   median, ratio, fmt                number helpers for the reports
 #
 # The caller's working directory is set to the repository root.
@@ -194,14 +203,29 @@ wait_ready() { # port pid name logfile [user [db]]
     die "$name did not accept connections on port $port within 10s (log above)"
 }
 
+# ------------------------------------------------------- running pgveil ---
+BENCH_PGVEIL_PID=""
+bench_start_pgveil() { # name port logfile user db [pgveil run args...]
+    local name=$1 port=$2 logfile=$3 user=$4 db=$5
+    shift 5
+    log "starting $name on 127.0.0.1:$port"
+    (cd "$TMP" && PGVEIL_LOG=${PGVEIL_LOG:-warn} exec "$PGVEIL" run "$@" \
+        ${PGVEIL_WORKERS:+--workers "$PGVEIL_WORKERS"}) >"$logfile" 2>&1 &
+    BENCH_PGVEIL_PID=$!
+    bench_track_pid "$BENCH_PGVEIL_PID" "$name"
+    wait_ready "$port" "$BENCH_PGVEIL_PID" "$name" "$logfile" "$user" "$db"
+}
+
 # ---------------------------------------------------------------- numbers ---
 bench_exit_on_failures() { # uses FAILURES (names of failed runs) and TMP
     if (( ${#FAILURES[@]} > 0 )); then
         log "failed runs: ${FAILURES[*]}"
-        if [[ -s $TMP/pgveil.log ]]; then
-            log "pgveil log (last 40 lines):"
-            tail -n 40 "$TMP/pgveil.log" >&2
-        fi
+        local pgveil_log
+        for pgveil_log in "$TMP"/pgveil*.log; do
+            [[ -s $pgveil_log ]] || continue
+            log "${pgveil_log##*/} (last 40 lines):"
+            tail -n 40 "$pgveil_log" >&2
+        done
         exit 1
     fi
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # benches/pgbench.sh — compare pgbench read-only throughput and latency of
-# direct PostgreSQL, PgBouncer (session pooling) and pgveil.
+# direct PostgreSQL, PgBouncer (session pooling), pgveil without a policy and pgveil
+# with a policy loaded, for which the pgbench login is a restricted role.
+# Target from the issue: pgveil+policy / pgveil >= 0.97 (POLICY_TARGET).
 #
 # Usage (from any directory):
 #   benches/pgbench.sh
@@ -12,7 +14,9 @@
 #   CLIENTS   space-separated client counts               (default "1 8")
 #   MODES     space-separated pgbench -M protocol modes   (default "simple prepared")
 #   ROUNDS    interleaved rounds per row; medians are shown (default 3)
-#   PGVEIL_WORKERS  pgveil --workers (default: pgveil's own default)
+#   POLICY_TARGET  the policy/no-policy TPS ratio to meet    (default 0.97)
+#   PGVEIL_WORKERS  pgveil --workers, both pgveils (default: pgveil's own default)
+#   PGVEIL_LOG      pgveil's log filter, both pgveils          (default warn)
 #
 # What it does, in one go:
 #   * locates the PostgreSQL binaries (pg_config --bindir, else the highest
@@ -20,20 +24,38 @@
 #     builds pgveil (cargo build --release);
 #   * creates a throwaway cluster in a temp dir (fsync=off, trust auth, owned
 #     by user postgres when run as root), loads it with pgbench -i -s $SCALE;
-#   * starts a private PgBouncer (pool_mode = session) and pgveil in front of
-#     it, each on a free 127.0.0.1 port;
+#   * creates, next to pgbench's tables in database postgres, a small CRM table
+#     `customers` (id, name, phone, id_card, email; 3 rows) and pgveil's catalog
+#     login pgveil_catalog;
+#   * starts a private PgBouncer (pool_mode = session) and two pgveils, each on a
+#     free 127.0.0.1 port, all three in front of PostgreSQL directly:
+#       pgveil         flags only, no config and no policy: nothing to check;
+#       pgveil+policy  a config (catalog login pgveil_catalog, sslmode disable) and
+#                      a policy protecting customers.name (L2), phone and email
+#                      (L3) and id_card (L4), with no role of its own: postgres,
+#                      the login pgbench uses, gets role `default`: L2/L3 masked,
+#                      L4 denied. For such a restricted role pgveil does its full
+#                      per-statement work although pgbench never touches customers:
+#                      the protected-name prefilter on every Query and Parse, its
+#                      own Describe before every Execute (extended and prepared
+#                      modes), each result's RowDescription checked;
+#     before and after measuring it checks through pgveil+policy that postgres
+#     gets customers masked (张**, 138****5678, z***@example.com) and id_card
+#     refused, and through pgveil the plaintext; otherwise it stops with an error;
 #   * for every mode x clients runs `pgbench -S -n` against direct, pgbouncer,
-#     pgveil (in that order) and prints a markdown table of TPS, average
-#     latency and pgveil's ratios.
+#     pgveil, pgveil+policy in ROUNDS rounds (the one going first rotates) and
+#     prints a markdown table of median TPS, average latency and pgveil's ratios,
+#     policy/no-policy among them.
 # Everything it started is stopped, and the temp dir removed, on exit —
 # including errors and Ctrl-C. A failed run is reported on stderr and shown
 # as FAIL in the table; the other runs continue.
 #
-# The cluster, port, build and cleanup helpers live in benches/lib.sh (shared with
-# benches/protected_read.sh).
+# The cluster, port, build, pgveil start and cleanup helpers live in benches/lib.sh
+# (shared with benches/protected_read.sh and benches/encryption.sh).
 #
-# Note: pgveil is started with its working directory set to the temp dir, so
-# a config/pgveil.yaml in the repo is NOT picked up; only the flags apply.
+# Note: both pgveils are started with their working directory set to the temp
+# dir, so a config/pgveil.yaml in the repo is NOT picked up: pgveil gets only its
+# flags, pgveil+policy its own --config in the temp dir.
 
 set -euo pipefail
 
@@ -42,18 +64,21 @@ SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple prepared"}
 ROUNDS=${ROUNDS:-3}
+POLICY_TARGET=${POLICY_TARGET:-0.97}
 
 # shellcheck source=benches/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh" # cds to the repo root
 
-PGVEIL_PID=""
 PGBOUNCER_PID=""
 bench_install_traps
+export PGCLIENTENCODING=UTF8
 
 # ------------------------------------------------------------- validation ---
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (got '$DURATION')"
 [[ $SCALE =~ ^[1-9][0-9]*$ ]] || die "SCALE must be a positive integer (got '$SCALE')"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
+[[ $POLICY_TARGET =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+    || die "POLICY_TARGET must be a number such as 0.97 (got '$POLICY_TARGET')"
 for c in $CLIENTS; do
     [[ $c =~ ^[1-9][0-9]*$ ]] || die "CLIENTS entries must be positive integers (got '$c')"
 done
@@ -97,8 +122,8 @@ command -v cargo >/dev/null || die "cargo not found"
 bench_build_pgveil
 
 # ------------------------------------------------------------------ ports ---
-read -r PG_PORT BOUNCER_PORT VEIL_PORT < <(bench_free_ports 3)
-[[ -n ${VEIL_PORT:-} ]] || die "could not pick free ports"
+read -r PG_PORT BOUNCER_PORT VEIL_PORT POLICY_PORT < <(bench_free_ports 4)
+[[ -n ${POLICY_PORT:-} ]] || die "could not pick free ports"
 
 # ---------------------------------------------------------------- cluster ---
 bench_make_tmp
@@ -111,6 +136,23 @@ log "pgbench -i -s $SCALE"
 if ! "$PGBENCH" "${CONN[@]}" -p "$PG_PORT" -i -s "$SCALE" -q postgres >"$TMP/pgbench-init.log" 2>&1; then
     cat "$TMP/pgbench-init.log" >&2
     die "pgbench -i failed"
+fi
+
+# A CRM table for the policy to protect (pgbench never reads it), and pgveil's catalog
+# login (it reads only pg_catalog, which every login may).
+log "creating customers and the login pgveil_catalog"
+if ! "$PSQL" "${CONN[@]}" -p "$PG_PORT" -d postgres -Xq -v ON_ERROR_STOP=1 \
+    >"$TMP/customers.log" 2>&1 <<'EOF'; then
+CREATE ROLE pgveil_catalog LOGIN;
+CREATE TABLE customers (id int PRIMARY KEY, name text, phone text, id_card text, email text);
+INSERT INTO customers VALUES
+    (1, '张三丰', '13812345678', '110105199001011234', 'zhang.sanfeng@example.com'),
+    (2, '欧阳锋', '13900002002', '310104197003150238', 'ouyang.feng@example.cn'),
+    (3, '黄蓉',   '15100004004', '330106199008080481', 'huang.rong@example.org');
+ANALYZE customers;
+EOF
+    cat "$TMP/customers.log" >&2
+    die "creating customers failed"
 fi
 
 # -------------------------------------------------------------- pgbouncer ---
@@ -152,19 +194,75 @@ bench_track_pid "$PGBOUNCER_PID" pgbouncer
 wait_ready "$BOUNCER_PORT" "$PGBOUNCER_PID" pgbouncer "$TMP/pgbouncer.stderr"
 PGBOUNCER_VERSION=$("$PGBOUNCER" --version 2>/dev/null | head -n1)
 
-# ----------------------------------------------------------------- pgveil ---
-log "starting pgveil on 127.0.0.1:$VEIL_PORT"
-(cd "$TMP" && PGVEIL_LOG=${PGVEIL_LOG:-warn} exec "$PGVEIL" run \
-    --listen "127.0.0.1:$VEIL_PORT" --upstream "127.0.0.1:$PG_PORT" \
-    ${PGVEIL_WORKERS:+--workers "$PGVEIL_WORKERS"}) >"$TMP/pgveil.log" 2>&1 &
-PGVEIL_PID=$!
-bench_track_pid "$PGVEIL_PID" pgveil
-wait_ready "$VEIL_PORT" "$PGVEIL_PID" pgveil "$TMP/pgveil.log"
+# ---------------------------------------------------------------- pgveils ---
+bench_start_pgveil pgveil "$VEIL_PORT" "$TMP/pgveil.log" postgres postgres \
+    --listen "127.0.0.1:$VEIL_PORT" --upstream "127.0.0.1:$PG_PORT"
+PGVEIL_PID=$BENCH_PGVEIL_PID
+
+# postgres must get role `default`, which follows the level defaults (L2 and L3 masked,
+# L4 denied), so it is restricted. The policy declares no other role: postgres is a
+# superuser, and pgveil resolves memberships with pg_has_role(), which is true for a
+# superuser and ANY role, so a role listing any existing PostgreSQL role would match
+# postgres first. pgbench's tables are not protected.
+cat >"$TMP/policy.yaml" <<'EOF'
+version: 1
+tables:
+  public.customers:
+    columns:
+      name:    { level: L2, mask: cn_name }
+      phone:   { level: L3, mask: cn_mobile }
+      email:   { level: L3, mask: email }
+      id_card: { level: L4, mask: cn_id_card }
+EOF
+cat >"$TMP/pgveil-policy.yaml" <<EOF
+listen: 127.0.0.1:$POLICY_PORT
+upstream:
+  host: 127.0.0.1
+  port: $PG_PORT
+  sslmode: disable
+catalog:
+  user: pgveil_catalog
+  database: postgres
+policy: policy.yaml
+limits:
+  shutdown_grace_seconds: 2
+EOF
+if ! "$PGVEIL" policy check "$TMP/policy.yaml" >"$TMP/policy-check.log" 2>&1; then
+    cat "$TMP/policy-check.log" >&2
+    die "pgveil rejects the benchmark policy (above)"
+fi
+bench_start_pgveil pgveil+policy "$POLICY_PORT" "$TMP/pgveil-policy.log" postgres postgres \
+    --config "$TMP/pgveil-policy.yaml"
+POLICY_PID=$BENCH_PGVEIL_PID
+
+# The policy must be in force for postgres, or pgveil+policy would measure nothing.
+CHECK_SQL="SELECT name, phone, email FROM customers WHERE id = 1"
+PLAIN_ROW="张三丰|13812345678|zhang.sanfeng@example.com"
+MASKED_ROW="张**|138****5678|z***@example.com"
+check_policy() { # when
+    local when=$1 got
+    log "checking the policy through pgveil+policy ($when measuring)"
+    got=$("$PSQL" "${CONN[@]}" -p "$POLICY_PORT" -d postgres -XAtc "$CHECK_SQL" 2>&1) || true
+    if [[ $got != "$MASKED_ROW" ]]; then
+        [[ $got == "$PLAIN_ROW" ]] \
+            && die "policy check failed ($when measuring): postgres reads PLAINTEXT through pgveil+policy — the policy is not applied, so pgveil+policy would measure nothing"
+        die "policy check failed ($when measuring): through pgveil+policy postgres got '$got', expected '$MASKED_ROW'"
+    fi
+    if got=$("$PSQL" "${CONN[@]}" -p "$POLICY_PORT" -d postgres -XAtc \
+        "SELECT id_card FROM customers WHERE id = 1" 2>&1); then
+        die "policy check failed ($when measuring): postgres read id_card (L4, denied) through pgveil+policy: '$got'"
+    fi
+    got=$("$PSQL" "${CONN[@]}" -p "$VEIL_PORT" -d postgres -XAtc "$CHECK_SQL" 2>&1) || true
+    [[ $got == "$PLAIN_ROW" ]] \
+        || die "policy check failed ($when measuring): through pgveil (no policy) postgres got '$got', expected '$PLAIN_ROW'"
+}
+check_policy before
 
 # ------------------------------------------------------------- benchmarks ---
 declare -A TPS LAT
-TARGETS=(direct pgbouncer pgveil)
-declare -A PORT_OF=([direct]=$PG_PORT [pgbouncer]=$BOUNCER_PORT [pgveil]=$VEIL_PORT)
+TARGETS=(direct pgbouncer pgveil pgveil+policy)
+declare -A PORT_OF=([direct]=$PG_PORT [pgbouncer]=$BOUNCER_PORT [pgveil]=$VEIL_PORT [pgveil+policy]=$POLICY_PORT)
+declare -A PID_OF=([pgbouncer]=$PGBOUNCER_PID [pgveil]=$PGVEIL_PID [pgveil+policy]=$POLICY_PID)
 FAILURES=()
 
 run_one() { # target mode clients
@@ -182,9 +280,7 @@ run_one() { # target mode clients
     if [[ -z $tps || -z $lat ]]; then
         printf -- '---- pgbench against %s failed (mode %s, %s clients); output:\n%s\n----\n' \
             "$target" "$mode" "$c" "$out" >&2
-        local pid=""
-        [[ $target == pgveil ]] && pid=$PGVEIL_PID
-        [[ $target == pgbouncer ]] && pid=$PGBOUNCER_PID
+        local pid=${PID_OF[$target]:-}
         if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
             log "$target (pid $pid) is no longer running"
         fi
@@ -196,17 +292,19 @@ run_one() { # target mode clients
 }
 
 # Rounds interleave the targets, rotating which goes first, so drift in the machine's
-# load (other tenants, thermal) hits all three alike; the table shows medians.
+# load (other tenants, thermal) hits all four alike; the table shows medians.
 declare -A TPS_RUNS LAT_RUNS
+count=${#TARGETS[@]}
 for round in $(seq 1 "$ROUNDS"); do
     for mode in $MODES; do
         for c in $CLIENTS; do
-            for i in 0 1 2; do
-                run_one "${TARGETS[$(( (i + round - 1) % 3 ))]}" "$mode" "$c"
+            for i in $(seq 0 $(( count - 1 ))); do
+                run_one "${TARGETS[$(( (i + round - 1) % count ))]}" "$mode" "$c"
             done
         done
     done
 done
+check_policy after
 for key in "${!TPS_RUNS[@]}"; do
     # shellcheck disable=SC2086
     TPS[$key]=$(median ${TPS_RUNS[$key]})
@@ -224,32 +322,36 @@ done
 # ------------------------------------------------------------------ report ---
 {
     echo
-    echo "## pgbench -S (select-only): direct vs PgBouncer vs pgveil"
+    echo "## pgbench -S (select-only): direct vs PgBouncer vs pgveil (without and with a policy)"
     echo
     echo "- machine: $(nproc) CPUs ($(uname -srm))"
     echo "- PostgreSQL: $PG_VERSION ($PG_BIN)"
     echo "- PgBouncer: $PGBOUNCER_VERSION (pool_mode = session)"
-    echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown) (workers: ${PGVEIL_WORKERS:-default, one per core})"
+    echo "- pgveil: $("$PGVEIL" --version 2>/dev/null || echo unknown) (workers: ${PGVEIL_WORKERS:-default, one per core}; log: ${PGVEIL_LOG:-warn})"
+    echo "- pgveil+policy: the same binary with a policy protecting public.customers (name L2, phone and email L3, id_card L4); postgres matches no policy role, so it gets role \`default\` (L2/L3 masked, L4 denied): a restricted role, checked before and after measuring. pgbench's tables are not protected"
     echo "- scale $SCALE, ${DURATION}s per run, $ROUNDS interleaved rounds (medians shown), -j = min(clients, 2), fsync=off, TCP on 127.0.0.1"
     echo
-    echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil/direct | pgveil/pgbouncer |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | pgveil+policy TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil+policy lat ms | pgveil/direct | pgveil/pgbouncer | policy/no-policy |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode in $MODES; do
         for c in $CLIENTS; do
-            d=$mode/$c/direct b=$mode/$c/pgbouncer v=$mode/$c/pgveil
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" \
-                "$(fmt 0 "${TPS[$d]}")" "$(fmt 0 "${TPS[$b]}")" "$(fmt 0 "${TPS[$v]}")" \
-                "$(fmt 3 "${LAT[$d]}")" "$(fmt 3 "${LAT[$b]}")" "$(fmt 3 "${LAT[$v]}")" \
-                "$(ratio "${TPS[$v]}" "${TPS[$d]}")" "$(ratio "${TPS[$v]}" "${TPS[$b]}")"
+            d=$mode/$c/direct b=$mode/$c/pgbouncer v=$mode/$c/pgveil p=$mode/$c/pgveil+policy
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" \
+                "$(fmt 0 "${TPS[$d]}")" "$(fmt 0 "${TPS[$b]}")" "$(fmt 0 "${TPS[$v]}")" "$(fmt 0 "${TPS[$p]}")" \
+                "$(fmt 3 "${LAT[$d]}")" "$(fmt 3 "${LAT[$b]}")" "$(fmt 3 "${LAT[$v]}")" "$(fmt 3 "${LAT[$p]}")" \
+                "$(ratio "${TPS[$v]}" "${TPS[$d]}")" "$(ratio "${TPS[$v]}" "${TPS[$b]}")" \
+                "$(ratio "${TPS[$p]}" "${TPS[$v]}")"
         done
     done
     echo
-    echo "Ratios are TPS ratios of the medians (higher is better for pgveil). Every run, TPS:"
+    echo "Ratios are TPS ratios of the medians (higher is better for pgveil); policy/no-policy is"
+    echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. Every run, TPS:"
     echo
     for mode in $MODES; do
         for c in $CLIENTS; do
-            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s\n' "$mode" "$c" \
-                "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" "${TPS_RUNS[$mode/$c/pgveil]:-}"
+            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s\n' "$mode" "$c" \
+                "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" \
+                "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}"
         done
     done
 }

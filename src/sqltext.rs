@@ -58,9 +58,16 @@ pub fn runs_another_statement(sql: &[u8]) -> bool {
 /// identifier that contains one of the words only makes pgveil stricter.
 pub fn may_modify_data(sql: &[u8]) -> bool {
     const WORDS: [&[u8]; 5] = [b"insert", b"update", b"delete", b"merge", b"execute"];
-    WORDS.iter().any(|word| {
-        sql.windows(word.len())
-            .any(|window| window.eq_ignore_ascii_case(word))
+    // One pass, comparing only where a word could start.
+    (0..sql.len()).any(|at| {
+        let first = sql[at].to_ascii_lowercase();
+        matches!(first, b'i' | b'u' | b'd' | b'm' | b'e')
+            && WORDS.iter().any(|word| {
+                word[0] == first
+                    && sql
+                        .get(at..at + word.len())
+                        .is_some_and(|window| window.eq_ignore_ascii_case(word))
+            })
     })
 }
 
@@ -169,8 +176,12 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     // U&'…': skip the prefix; the string is read next.
                     (Lexeme::Other, end + 1)
                 } else {
-                    let name = String::from_utf8_lossy(word).to_ascii_lowercase();
-                    (Lexeme::Name(name.into()), end)
+                    // Borrowed when already folded: most names in application SQL are.
+                    let name: std::borrow::Cow<'_, str> = match std::str::from_utf8(word) {
+                        Ok(text) if !word.iter().any(u8::is_ascii_uppercase) => text.into(),
+                        _ => String::from_utf8_lossy(word).to_ascii_lowercase().into(),
+                    };
+                    (Lexeme::Name(name), end)
                 }
             }
             _ => (Lexeme::Other, at + 1),
@@ -236,7 +247,7 @@ pub fn names_any(sql: &[u8], names: &std::collections::HashSet<String>) -> bool 
         return true;
     }
     // Dollar-quoted text is often code (DO, CREATE FUNCTION): look inside it too.
-    if lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::DollarQuoted) {
+    if has_dollar_quote(sql) {
         let lower = sql.to_ascii_lowercase();
         if names.iter().any(|name| {
             let name = name.to_ascii_lowercase();
@@ -252,6 +263,42 @@ pub fn names_any(sql: &[u8], names: &std::collections::HashSet<String>) -> bool 
         Lexeme::Unreadable => true,
         _ => false,
     })
+}
+
+/// Whether `sql` holds dollar-quoted text (a lexical pass only when it has a `$`).
+fn has_dollar_quote(sql: &[u8]) -> bool {
+    sql.contains(&b'$') && lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::DollarQuoted)
+}
+
+/// [`names_any`] of two sets in one pass: whether `sql` names one of `first`, and one
+/// of `second`.
+pub fn names_either(
+    sql: &[u8],
+    first: &std::collections::HashSet<String>,
+    second: &std::collections::HashSet<String>,
+) -> (bool, bool) {
+    // Backslashes and dollar quotes take the careful path of `names_any`.
+    if sql.contains(&b'\\') || has_dollar_quote(sql) {
+        return (names_any(sql, first), names_any(sql, second));
+    }
+    let (mut in_first, mut in_second) = (false, false);
+    for (lexeme, _) in lexemes(sql) {
+        match lexeme {
+            Lexeme::Name(name) => {
+                in_first = in_first || first.contains(name.as_ref());
+                in_second = in_second || second.contains(name.as_ref());
+            }
+            Lexeme::Unreadable => {
+                in_first = in_first || !first.is_empty();
+                in_second = in_second || !second.is_empty();
+            }
+            _ => {}
+        }
+        if in_first && in_second {
+            break;
+        }
+    }
+    (in_first, in_second)
 }
 
 pub(crate) fn is_identifier_start(byte: u8) -> bool {
@@ -430,10 +477,45 @@ mod tests {
     }
 
     #[test]
+    fn names_either_answers_like_names_any_for_both_sets() {
+        let tables: std::collections::HashSet<String> =
+            ["customers".to_string(), "Mixed Case".to_string()].into();
+        let words: std::collections::HashSet<String> =
+            ["declare".to_string(), "fetch".to_string()].into();
+        for sql in [
+            &b"SELECT * FROM Customers"[..],
+            b"DECLARE c CURSOR FOR SELECT 1",
+            b"Declare c cursor for select * from \"Mixed Case\"",
+            b"select 'customers', 'fetch' from t -- declare",
+            b"select * from t /* unterminated",
+            b"select 'a\\' , ' ; fetch x from customers",
+            b"DO $$BEGIN FETCH c; UPDATE CUSTOMERS SET x = 1; END$$",
+            b"select * from orders where aid = 1",
+        ] {
+            assert_eq!(
+                names_either(sql, &tables, &words),
+                (names_any(sql, &tables), names_any(sql, &words)),
+                "{}",
+                String::from_utf8_lossy(sql)
+            );
+        }
+        assert_eq!(
+            names_either(b"FETCH 2 FROM c", &tables, &words),
+            (false, true)
+        );
+    }
+
+    #[test]
     fn knows_statements_that_may_modify_data() {
         assert!(may_modify_data(b"INSERT INTO t VALUES (1)"));
         assert!(may_modify_data(b"with x as (select 1) Delete from t"));
         assert!(may_modify_data(b"EXECUTE q(1)"));
         assert!(!may_modify_data(b"SELECT count(*) FROM t"));
+        assert!(may_modify_data(b"select 1; mErGe into t using s on true"));
+        assert!(!may_modify_data(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+        assert!(may_modify_data(b"upd; update"));
+        assert!(!may_modify_data(b"upd"));
     }
 }

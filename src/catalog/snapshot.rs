@@ -125,6 +125,12 @@ impl CatalogSnapshot {
         crate::sqltext::names_any(sql, &self.protected_names)
     }
 
+    /// [`Self::names_protected_relation`] and whether the text also holds one of `words`,
+    /// in one lexical pass.
+    pub fn names_protected_relation_or(&self, sql: &[u8], words: &HashSet<String>) -> (bool, bool) {
+        crate::sqltext::names_either(sql, &self.protected_names, words)
+    }
+
     /// Whether statement text names a relation with encrypted columns (lexically, like
     /// [`Self::names_protected_relation`]).
     pub fn names_encrypted_relation(&self, sql: &[u8]) -> bool {

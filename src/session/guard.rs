@@ -591,6 +591,10 @@ impl ReadGuard {
 
     /// Picks up a newer policy or catalog, at a statement boundary.
     fn sync_protection(&mut self) {
+        // The published generation is an atomic: no lock in the common case.
+        if !self.policy_changed() {
+            return;
+        }
         if let Some(current) = self.published.current() {
             if current.generation != self.protection.generation {
                 if !Arc::ptr_eq(&current.policy, &self.protection.policy) {
@@ -894,9 +898,13 @@ impl ReadGuard {
             }
             _ => return Ok(None),
         };
-        let catalog = &self.protection.catalog;
-        let names_protected = catalog.names_protected_relation(text);
-        if !names_protected && !crate::sqltext::names_any(text, &CURSOR_WORD_SET) {
+        // The hot path: one lexical pass; statements naming no protected relation and
+        // no cursor or prepared statement are not parsed.
+        let (names_protected, names_cursor) = self
+            .protection
+            .catalog
+            .names_protected_relation_or(text, &CURSOR_WORD_SET);
+        if !names_protected && !names_cursor {
             return Ok(None);
         }
         let text: Arc<[u8]> = Arc::from(text);
