@@ -19,7 +19,7 @@ use std::pin::pin;
 use std::sync::OnceLock;
 
 use futures_util::StreamExt;
-use support::{cluster, policy_yaml, write_policy, Proxy, ProxyOptions};
+use support::{cluster, cstr, frame, policy_yaml, write_policy, Proxy, ProxyOptions, RawClient};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -1637,6 +1637,38 @@ async fn max_rows_stops_the_stream_after_the_limit() {
     );
     attempt(&analyst, ANALYST, "ROLLBACK").await;
     still_usable(&mut checks, &analyst, ANALYST).await;
+
+    // A protocol portal counts across Executes that stop at a row count.
+    let mut portal_client = proxy.connect(ANALYST).await;
+    let transaction = portal_client.transaction().await.unwrap();
+    let statement = transaction
+        .prepare("SELECT name FROM customers ORDER BY id")
+        .await
+        .unwrap();
+    let portal = transaction.bind(&statement, &[]).await.unwrap();
+    let first = transaction.query_portal(&portal, 2).await;
+    checks.that(
+        "[rt_analyst] portal: the first 2 rows",
+        first.as_ref().is_ok_and(|rows| rows.len() == 2),
+        format!("{first:?}"),
+    );
+    let second = transaction.query_portal(&portal, 2).await;
+    checks.that(
+        "[rt_analyst] portal: past the limit across Executes",
+        second
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_db_error())
+            .is_some_and(|e| e.code().code() == "42501" && e.message().starts_with("pgveil:")),
+        format!("{second:?}"),
+    );
+    drop(transaction);
+    let alive = portal_client.simple_query("SELECT 1").await;
+    checks.that(
+        "[rt_analyst] the session goes on after the portal's refusal",
+        alive.is_ok(),
+        format!("{alive:?}"),
+    );
     checks.finish("max_rows");
 }
 
@@ -1910,4 +1942,39 @@ async fn a_role_allowed_to_filter_runs_its_conditions_and_sees_masks() {
         .await,
     );
     checks.finish("filter_on_protected: allow");
+}
+
+/// libpq sends Bind, Describe (portal), Execute, Sync: pgveil plans the rows from that
+/// description instead of asking again, and still masks or refuses them.
+#[tokio::test]
+async fn a_portal_described_by_the_client_right_before_execute_is_still_checked() {
+    let proxy = proxy();
+    let mut raw = RawClient::login(proxy.port, GUEST, "libpq-style");
+    let run = |raw: &mut RawClient, sql: &str| {
+        let mut parse = cstr("");
+        parse.extend(cstr(sql));
+        parse.extend([0, 0]);
+        let mut bytes = frame(b'P', &parse);
+        bytes.extend(frame(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        bytes.extend(frame(b'D', b"P\0"));
+        bytes.extend(frame(b'E', &[0, 0, 0, 0, 0]));
+        bytes.extend(frame(b'S', &[]));
+        raw.send(&bytes);
+        raw.read_until(b'Z')
+    };
+    let masked = run(&mut raw, "SELECT phone FROM customers WHERE id = 1");
+    let text = format!("{masked:?}");
+    let row = masked.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(row.body.windows(11).any(|w| w == b"138****5678"), "{text}");
+    assert!(!row.body.windows(8).any(|w| w == b"12345678"), "{text}");
+    let refused = run(
+        &mut raw,
+        "SELECT substr(phone, 4, 4) FROM customers WHERE id = 1",
+    );
+    assert!(!refused.iter().any(|m| m.tag == b'D'), "{refused:?}");
+    let error = refused.iter().find(|m| m.tag == b'E').expect("a refusal");
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"), "{refused:?}");
+    // The session goes on.
+    let again = run(&mut raw, "SELECT id FROM customers WHERE id = 1");
+    assert!(again.iter().any(|m| m.tag == b'D'), "{again:?}");
 }

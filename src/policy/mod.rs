@@ -564,6 +564,14 @@ impl Policy {
                 Permission::Deny => "deny",
             }
         ));
+        out.push_str(&format!(
+            "  filter_on_protected: {}\n",
+            match role_spec.filter_on_protected {
+                Some(Permission::Allow) => "allow",
+                Some(Permission::Deny) => "deny",
+                None => "default (deny on columns it may not see in plaintext, except levels L1 and L2)",
+            }
+        ));
         let width = self
             .columns
             .iter()
@@ -646,6 +654,41 @@ tables:
                 .collect(),
             Err(other) => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn filters_row_limits_and_exports_per_role() {
+        let policy = Policy::parse(SPEC_EXAMPLE, "p.yaml").unwrap();
+        let role = |name: &str| policy.role_by_name(name).unwrap();
+        let phone = column(&policy, "public.customers.phone");
+        let name = column(&policy, "public.customers.name");
+        // billing sees phone in plaintext: its conditions are its own business.
+        assert!(!policy.filter_refused(role("billing"), phone));
+        // Masked L3: refused by default; masked L2: allowed by default.
+        assert!(policy.filter_refused(role("support"), phone));
+        assert!(!policy.filter_refused(role("support"), name));
+        assert_eq!(policy.max_rows(role("analyst")), Some(100));
+        assert!(!policy.may_export(role("analyst")));
+        assert!(policy.may_export(role("support")));
+        // A row limit or export rule leaves a role something to check.
+        assert!(!policy.is_unrestricted(role("support")));
+        let explained = policy.explain(role("analyst"));
+        assert!(
+            explained.contains("filter_on_protected: default"),
+            "{explained}"
+        );
+
+        let allowing = Policy::parse(
+            "version: 1\nroles:\n  snoop: { members: [x], filter_on_protected: allow }\n  strict: { members: [y], filter_on_protected: deny }\ntables:\n  public.t:\n    columns:\n      a: { level: L3 }\n      b: { level: L2 }\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let a = column(&allowing, "public.t.a");
+        let b = column(&allowing, "public.t.b");
+        let snoop = allowing.role_by_name("snoop").unwrap();
+        let strict = allowing.role_by_name("strict").unwrap();
+        assert!(!allowing.filter_refused(snoop, a));
+        assert!(allowing.filter_refused(strict, b));
     }
 
     fn column(policy: &Policy, label: &str) -> ColumnId {

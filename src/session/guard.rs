@@ -40,7 +40,7 @@ use crate::wire::copy_out::{CopyOutError, CopyOutFormat, CopyOutRewriter, FieldC
 use crate::wire::frame::encode_frame;
 use crate::wire::messages::{
     command_tag, error_is_fatal, execute_portal, parameter_status, scrub_report, BindNames,
-    ErrorReport, MalformedMessage, Parse, Severity, TransactionStatus,
+    ErrorReport, MalformedMessage, Parse, Severity, Target, TargetName, TransactionStatus,
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, encode_row_description,
@@ -321,6 +321,9 @@ struct SentRequests {
     portals: HashMap<Vec<u8>, (SentStatement, u64)>,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
+    /// The portal the client's last message described (libpq sends Bind, Describe,
+    /// Execute): its description is as fresh as one pgveil would take.
+    described_last: Option<Vec<u8>>,
 }
 
 /// What pgveil knows of a statement the client sent.
@@ -365,7 +368,14 @@ impl SentRequests {
         executions: u64,
         auditing: bool,
     ) -> Result<bool, GuardError> {
+        let described_last = self.described_last.take();
         match tag {
+            b'D' => {
+                let target = TargetName::decode("Describe", body)?;
+                if target.target == Target::Portal {
+                    self.described_last = Some(target.name.to_vec());
+                }
+            }
             b'P' => {
                 let parse = Parse::decode(body)?;
                 if self.statements.len() >= MAX_REMEMBERED_PORTALS {
@@ -396,6 +406,10 @@ impl SentRequests {
             }
             b'E' => {
                 let portal = execute_portal(body)?;
+                if described_last.as_deref() == Some(portal) {
+                    // Described by the client right before: no second Describe.
+                    return Ok(false);
+                }
                 let describable = match self.portals.get(portal) {
                     Some((statement, bound_at)) => {
                         !statement.runs_another || *bound_at == executions
