@@ -1282,8 +1282,14 @@ impl ReadGuard {
                     ResultState::Denied(report) if !fatal => {
                         // What the client sees instead of the statement's completion; the
                         // rest up to ReadyForQuery is skipped like after a real error.
+                        // The rows sent before the refusal (up to `max_rows`, or before a
+                        // value that does not decrypt) are recorded.
                         self.draining = true;
-                        self.finish(Outcome::Denied(report.reason), 0, report.column.clone());
+                        self.finish(
+                            Outcome::Denied(report.reason),
+                            rows_sent,
+                            report.column.clone(),
+                        );
                         Ok(Verdict::Replace(self.refuse(&report)))
                     }
                     _ => {
