@@ -93,6 +93,31 @@ pub enum Lexeme<'a> {
 
 /// The lexemes of `sql`, each with the byte offset just past it.
 pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
+    lex(sql, |word, quoted| Lexeme::Name(folded_name(word, quoted)))
+}
+
+/// A name as PostgreSQL resolves it: an unquoted identifier folded to lower case
+/// (borrowed when it already is), a quoted one's content with `""` turned into `"`.
+fn folded_name(word: &[u8], quoted: bool) -> std::borrow::Cow<'_, str> {
+    if quoted {
+        return match String::from_utf8_lossy(word) {
+            std::borrow::Cow::Borrowed(text) if !text.contains("\"\"") => text.into(),
+            text => text.replace("\"\"", "\"").into(),
+        };
+    }
+    match std::str::from_utf8(word) {
+        Ok(text) if !word.iter().any(u8::is_ascii_uppercase) => text.into(),
+        _ => String::from_utf8_lossy(word).to_ascii_lowercase().into(),
+    }
+}
+
+/// The lexer, with `name` making the lexeme of each name from its bytes (an unquoted
+/// identifier as written, or a quoted one's content with `""` still doubled) and
+/// whether it was quoted.
+fn lex<'a>(
+    sql: &'a [u8],
+    mut name: impl FnMut(&'a [u8], bool) -> Lexeme<'a>,
+) -> impl Iterator<Item = (Lexeme<'a>, usize)> {
     let mut at = 0;
     let unreadable = (Lexeme::Unreadable, sql.len());
     std::iter::from_fn(move || loop {
@@ -133,8 +158,7 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     }
                 };
                 if closed {
-                    let name = String::from_utf8_lossy(&sql[at + 1..end]).replace("\"\"", "\"");
-                    (Lexeme::Name(name.into()), end + 1)
+                    (name(&sql[at + 1..end], true), end + 1)
                 } else {
                     unreadable.clone()
                 }
@@ -176,12 +200,7 @@ pub fn lexemes(sql: &[u8]) -> impl Iterator<Item = (Lexeme<'_>, usize)> {
                     // U&'…': skip the prefix; the string is read next.
                     (Lexeme::Other, end + 1)
                 } else {
-                    // Borrowed when already folded: most names in application SQL are.
-                    let name: std::borrow::Cow<'_, str> = match std::str::from_utf8(word) {
-                        Ok(text) if !word.iter().any(u8::is_ascii_uppercase) => text.into(),
-                        _ => String::from_utf8_lossy(word).to_ascii_lowercase().into(),
-                    };
-                    (Lexeme::Name(name), end)
+                    (name(word, false), end)
                 }
             }
             _ => (Lexeme::Other, at + 1),
@@ -281,24 +300,43 @@ pub fn names_either(
     if sql.contains(&b'\\') || has_dollar_quote(sql) {
         return (names_any(sql, first), names_any(sql, second));
     }
-    let (mut in_first, mut in_second) = (false, false);
-    for (lexeme, _) in lexemes(sql) {
-        match lexeme {
-            Lexeme::Name(name) => {
-                in_first = in_first || first.contains(name.as_ref());
-                in_second = in_second || second.contains(name.as_ref());
-            }
-            Lexeme::Unreadable => {
-                in_first = in_first || !first.is_empty();
-                in_second = in_second || !second.is_empty();
-            }
-            _ => {}
+    // Names are looked up as they are lexed, folded into a buffer on the stack: this
+    // runs for every statement of a restricted role and must not allocate.
+    let found_first = std::cell::Cell::new(false);
+    let found_second = std::cell::Cell::new(false);
+    let mut buffer = [0u8; 64];
+    let look_up = |name: &str| {
+        if !found_first.get() && first.contains(name) {
+            found_first.set(true);
         }
-        if in_first && in_second {
+        if !found_second.get() && second.contains(name) {
+            found_second.set(true);
+        }
+    };
+    let lexemes = lex(sql, |word, quoted| {
+        match word.len() <= buffer.len() && !quoted && word.is_ascii() {
+            true => {
+                let folded = &mut buffer[..word.len()];
+                folded.copy_from_slice(word);
+                folded.make_ascii_lowercase();
+                if let Ok(name) = std::str::from_utf8(folded) {
+                    look_up(name);
+                }
+            }
+            false => look_up(&folded_name(word, quoted)),
+        }
+        Lexeme::Other
+    });
+    for (lexeme, _) in lexemes {
+        if lexeme == Lexeme::Unreadable {
+            found_first.set(found_first.get() || !first.is_empty());
+            found_second.set(found_second.get() || !second.is_empty());
+        }
+        if found_first.get() && found_second.get() {
             break;
         }
     }
-    (in_first, in_second)
+    (found_first.get(), found_second.get())
 }
 
 pub(crate) fn is_identifier_start(byte: u8) -> bool {
@@ -491,6 +529,12 @@ mod tests {
             b"select 'a\\' , ' ; fetch x from customers",
             b"DO $$BEGIN FETCH c; UPDATE CUSTOMERS SET x = 1; END$$",
             b"select * from orders where aid = 1",
+            b"SELECT * FROM CUSTOMERS",
+            b"select * from \"Mixed Case\", \"say \"\"hi\"\"\"",
+            b"select * from \"MIXED CASE\"",
+            "select * from 客户, \"客户\" where 名字 = 1".as_bytes(),
+            b"select * from a_very_long_identifier_that_is_longer_than_sixty_four_bytes_by_some_margin_customers",
+            b"FETCH ALL FROM C",
         ] {
             assert_eq!(
                 names_either(sql, &tables, &words),
@@ -502,6 +546,29 @@ mod tests {
         assert_eq!(
             names_either(b"FETCH 2 FROM c", &tables, &words),
             (false, true)
+        );
+        let long: std::collections::HashSet<String> = [
+            "a_very_long_identifier_that_is_longer_than_sixty_four_bytes_by_some_margin_customers"
+                .to_string(),
+            "客户".to_string(),
+            "say \"hi\"".to_string(),
+        ]
+        .into();
+        assert_eq!(
+            names_either(
+                b"SELECT 1 FROM A_VERY_LONG_IDENTIFIER_THAT_IS_LONGER_THAN_SIXTY_FOUR_BYTES_BY_SOME_MARGIN_CUSTOMERS",
+                &long,
+                &words
+            ),
+            (true, false)
+        );
+        assert_eq!(
+            names_either("select 1 from 客户".as_bytes(), &long, &words),
+            (true, false)
+        );
+        assert_eq!(
+            names_either(b"select 1 from \"say \"\"hi\"\"\"", &long, &words),
+            (true, false)
         );
     }
 
