@@ -1038,29 +1038,9 @@ impl ReadGuard {
             );
         }
         if let Some(copy) = &statement.copy_out {
-            let sources: Sources = copy
-                .columns
-                .iter()
-                .flat_map(|column| match column {
-                    OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.iter(),
-                })
-                .copied()
-                .collect();
-            if let Some(&column) = sources.iter().next() {
+            if let Some(&column) = copy.sources().iter().next() {
                 if !policy.may_export(self.role) {
-                    return Some(
-                        denied(
-                            DenyReason::ExportDenied,
-                            policy.table_label(column),
-                            "42501",
-                            format!(
-                                "pgveil: COPY … TO of protected column {} is refused for role {role} (export: deny)",
-                                policy.column_label(column)
-                            ),
-                            "leave protected columns out of the COPY, or ask a DBA to allow exports for the role in the pgveil policy",
-                        )
-                        .about(policy, column),
-                    );
+                    return Some(self.export_refusal(column));
                 }
                 if let Err(reason) = &copy.format {
                     return Some(denied(
@@ -1076,6 +1056,23 @@ impl ReadGuard {
             }
         }
         None
+    }
+
+    /// The refusal of a COPY … TO STDOUT of `column` for a role with `export: deny`.
+    fn export_refusal(&self, column: ColumnId) -> Box<Refusal> {
+        let policy = &self.protection.policy;
+        denied(
+            DenyReason::ExportDenied,
+            policy.table_label(column),
+            "42501",
+            format!(
+                "pgveil: COPY … TO of protected column {} is refused for role {} (export: deny)",
+                policy.column_label(column),
+                self.role_name()
+            ),
+            "leave protected columns out of the COPY, or ask a DBA to allow exports for the role in the pgveil policy",
+        )
+        .about(policy, column)
     }
 
     /// The refusal shown for a request the write path refused.
@@ -1884,32 +1881,13 @@ impl ReadGuard {
             .columns
             .iter()
             .any(|column| matches!(column, OutputColumn::Many(_)));
-        let all_sources: Sources = copy
-            .columns
-            .iter()
-            .flat_map(|column| match column {
-                OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.iter(),
-            })
-            .copied()
-            .collect();
-        let Some(&first_source) = all_sources.iter().next() else {
+        let Some(&first_source) = copy.sources().iter().next() else {
             return Ok(ResultState::Pass);
         };
         let policy = self.protection.policy.clone();
         if !policy.may_export(self.role) {
-            return Ok(ResultState::Denied(
-                denied(
-                    DenyReason::ExportDenied,
-                    policy.table_label(first_source),
-                    "42501",
-                    format!(
-                        "pgveil: COPY … TO of protected column {} is refused for role {role} (export: deny)",
-                        policy.column_label(first_source)
-                    ),
-                    "leave protected columns out of the COPY, or ask a DBA to allow exports for the role in the pgveil policy",
-                )
-                .about(&policy, first_source),
-            ));
+            // Checked when the COPY was sent too; the policy may have changed since.
+            return Ok(ResultState::Denied(self.export_refusal(first_source)));
         }
         if any_many || copy.columns.len() != formats.len() {
             return Ok(cannot_tell("its columns do not match the query's"));

@@ -894,30 +894,7 @@ impl Walker<'_, '_> {
         self.table_factor(&table.relation, scope, scopes)?;
         for join in &table.joins {
             self.table_factor(&join.relation, scope, scopes)?;
-            use sqlparser::ast::JoinOperator as J;
-            let constraint = match &join.join_operator {
-                J::Join(c)
-                | J::Inner(c)
-                | J::Left(c)
-                | J::LeftOuter(c)
-                | J::Right(c)
-                | J::RightOuter(c)
-                | J::FullOuter(c)
-                | J::CrossJoin(c)
-                | J::Semi(c)
-                | J::LeftSemi(c)
-                | J::RightSemi(c)
-                | J::Anti(c)
-                | J::LeftAnti(c)
-                | J::RightAnti(c)
-                | J::StraightJoin(c) => Some(c),
-                J::CrossApply
-                | J::OuterApply
-                | J::ArrayJoin
-                | J::LeftArrayJoin
-                | J::InnerArrayJoin => None,
-                J::AsOf { constraint, .. } => Some(constraint),
-            };
+            let constraint = super::join_constraint(&join.join_operator);
             use sqlparser::ast::JoinConstraint as C;
             match constraint {
                 Some(C::On(expr)) => {

@@ -92,6 +92,15 @@ pub enum OutputColumn {
     Many(Sources),
 }
 
+impl OutputColumn {
+    /// The protected columns it (each column of the run) is computed from.
+    pub fn sources(&self) -> &Sources {
+        match self {
+            OutputColumn::One(sources) | OutputColumn::Many(sources) => sources,
+        }
+    }
+}
+
 /// What one statement does, as far as the read policy goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementKind {
@@ -118,6 +127,16 @@ pub enum StatementKind {
     /// way this analysis does not follow (MERGE, and any statement kind not modelled
     /// that names one). `relation`: the first such relation named, `schema.name`.
     Unsupported { relation: String },
+}
+
+impl CopyOut {
+    /// Every protected column the COPY sends something computed from.
+    pub fn sources(&self) -> Sources {
+        self.columns
+            .iter()
+            .flat_map(|column| column.sources().iter().copied())
+            .collect()
+    }
 }
 
 /// A COPY … TO STDOUT: the format of its data and its columns, in order.
@@ -299,9 +318,7 @@ impl Out {
     }
 
     fn sources(&self) -> &Sources {
-        match &self.column {
-            OutputColumn::One(sources) | OutputColumn::Many(sources) => sources,
-        }
+        self.column.sources()
     }
 
     fn is_many(&self) -> bool {
@@ -1289,38 +1306,15 @@ impl Walker<'_, '_> {
         for join in &table.joins {
             let right = self.table_factor(&join.relation, scope, scopes);
             use sqlparser::ast::JoinConstraint as C;
-            use sqlparser::ast::JoinOperator as J;
-            let constraint = match &join.join_operator {
-                J::Join(c)
-                | J::Inner(c)
-                | J::Left(c)
-                | J::LeftOuter(c)
-                | J::Right(c)
-                | J::RightOuter(c)
-                | J::FullOuter(c)
-                | J::CrossJoin(c)
-                | J::Semi(c)
-                | J::LeftSemi(c)
-                | J::RightSemi(c)
-                | J::Anti(c)
-                | J::LeftAnti(c)
-                | J::RightAnti(c)
-                | J::StraightJoin(c) => Some(c),
-                J::AsOf {
-                    match_condition,
-                    constraint,
-                } => {
-                    scopes.push(scope.clone());
-                    self.condition(match_condition, scopes);
-                    scopes.pop();
-                    Some(constraint)
-                }
-                J::CrossApply
-                | J::OuterApply
-                | J::ArrayJoin
-                | J::LeftArrayJoin
-                | J::InnerArrayJoin => None,
-            };
+            if let sqlparser::ast::JoinOperator::AsOf {
+                match_condition, ..
+            } = &join.join_operator
+            {
+                scopes.push(scope.clone());
+                self.condition(match_condition, scopes);
+                scopes.pop();
+            }
+            let constraint = super::join_constraint(&join.join_operator);
             match constraint {
                 Some(C::On(expr)) => {
                     scopes.push(scope.clone());
@@ -2378,11 +2372,7 @@ impl Walker<'_, '_> {
             }
             CopyTarget::File { .. } | CopyTarget::Program { .. } => {
                 for column in &columns {
-                    match column {
-                        OutputColumn::One(sources) | OutputColumn::Many(sources) => {
-                            self.stored.extend(sources.iter().copied())
-                        }
-                    }
+                    self.stored.extend(column.sources().iter().copied());
                 }
                 None
             }
@@ -2633,19 +2623,12 @@ pub fn field_sources(outputs: &[OutputColumn], field_count: usize) -> FieldSourc
     let runs = outputs.len() - fixed;
     let all: Sources = outputs
         .iter()
-        .flat_map(|o| match o {
-            OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.iter().copied(),
-        })
+        .flat_map(|o| o.sources().iter().copied())
         .collect();
     match runs {
-        0 if field_count == fixed => FieldSources::Exact(
-            outputs
-                .iter()
-                .map(|o| match o {
-                    OutputColumn::One(sources) | OutputColumn::Many(sources) => sources.clone(),
-                })
-                .collect(),
-        ),
+        0 if field_count == fixed => {
+            FieldSources::Exact(outputs.iter().map(|o| o.sources().clone()).collect())
+        }
         1 if field_count >= fixed => {
             let spread = field_count - fixed;
             let mut fields = Vec::with_capacity(field_count);

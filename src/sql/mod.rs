@@ -14,8 +14,8 @@ pub mod plan_cache;
 use std::ops::Range;
 
 use sqlparser::ast::{
-    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopyTarget, Ident, ObjectName,
-    ObjectNamePart, Statement,
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopyTarget, Ident, JoinConstraint,
+    JoinOperator, ObjectName, ObjectNamePart, Statement,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -69,6 +69,30 @@ fn statement_count(sql: &str) -> Result<usize, String> {
 
 /// An identifier as PostgreSQL resolves it: unquoted folds to lower case, quoted is
 /// kept as written.
+/// The constraint (ON, USING, NATURAL, none) of a join, for the joins that have one.
+pub(crate) fn join_constraint(operator: &JoinOperator) -> Option<&JoinConstraint> {
+    use JoinOperator as J;
+    match operator {
+        J::Join(c)
+        | J::Inner(c)
+        | J::Left(c)
+        | J::LeftOuter(c)
+        | J::Right(c)
+        | J::RightOuter(c)
+        | J::FullOuter(c)
+        | J::CrossJoin(c)
+        | J::Semi(c)
+        | J::LeftSemi(c)
+        | J::RightSemi(c)
+        | J::Anti(c)
+        | J::LeftAnti(c)
+        | J::RightAnti(c)
+        | J::StraightJoin(c) => Some(c),
+        J::AsOf { constraint, .. } => Some(constraint),
+        J::CrossApply | J::OuterApply | J::ArrayJoin | J::LeftArrayJoin | J::InnerArrayJoin => None,
+    }
+}
+
 pub(crate) fn normalise(ident: &Ident) -> String {
     match ident.quote_style {
         Some(_) => ident.value.clone(),
