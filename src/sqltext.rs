@@ -5,6 +5,12 @@
 /// The first keyword of `sql`, lower-cased, after whitespace, comments and opening
 /// parentheses; `None` when the text holds no keyword.
 pub fn leading_keyword(sql: &[u8]) -> Option<String> {
+    leading_word(sql).map(|word| String::from_utf8_lossy(word).to_ascii_lowercase())
+}
+
+/// The first keyword of `sql` as written (ASCII letters and underscores), after
+/// whitespace, comments and opening parentheses.
+fn leading_word(sql: &[u8]) -> Option<&[u8]> {
     let mut rest = sql;
     loop {
         match rest {
@@ -17,12 +23,11 @@ pub fn leading_keyword(sql: &[u8]) -> Option<String> {
             _ => break,
         }
     }
-    let word: String = rest
+    let len = rest
         .iter()
         .take_while(|b| b.is_ascii_alphabetic() || **b == b'_')
-        .map(|b| char::from(b.to_ascii_lowercase()))
-        .collect();
-    (!word.is_empty()).then_some(word)
+        .count();
+    (len > 0).then(|| &rest[..len])
 }
 
 /// The text after a block comment whose opening `/*` was already consumed; block
@@ -50,7 +55,10 @@ fn skip_block_comment(mut rest: &[u8]) -> &[u8] {
 /// only when it runs (SQL `FETCH` of a cursor, SQL `EXECUTE` of a prepared statement),
 /// so its description at Bind may not match them.
 pub fn runs_another_statement(sql: &[u8]) -> bool {
-    matches!(leading_keyword(sql).as_deref(), Some("fetch" | "execute"))
+    // Once per Execute: compared in place, not lower-cased into a new string.
+    leading_word(sql).is_some_and(|word| {
+        word.eq_ignore_ascii_case(b"fetch") || word.eq_ignore_ascii_case(b"execute")
+    })
 }
 
 /// Whether `sql` may run a command that rules rewrite (INSERT, UPDATE, DELETE, MERGE),
@@ -254,11 +262,12 @@ pub fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
 }
 
 /// Whether `sql` names one of `names` (relation names as the catalog spells them),
-/// schema-qualified or not, quoted or not. Text that cannot be read to its end, or
-/// whose string boundaries depend on session settings (a backslash), may name
-/// anything, so it counts as naming one.
-pub fn names_any(sql: &[u8], names: &std::collections::HashSet<String>) -> bool {
-    if names.is_empty() {
+/// schema-qualified or not, quoted or not. Text in which no name of the set appears
+/// (see [`NameSet::may_appear_in`]) names none. Otherwise, text that cannot be read to
+/// its end, or whose string boundaries depend on session settings (a backslash), may
+/// name anything, so it counts as naming one.
+pub fn names_any(sql: &[u8], names: &NameSet) -> bool {
+    if !names.may_appear_in(sql) {
         return false;
     }
     // String boundaries may be misread (see `fingerprint`): assume the worst.
@@ -291,39 +300,35 @@ fn has_dollar_quote(sql: &[u8]) -> bool {
 
 /// [`names_any`] of two sets in one pass: whether `sql` names one of `first`, and one
 /// of `second`.
-pub fn names_either(
-    sql: &[u8],
-    first: &std::collections::HashSet<String>,
-    second: &std::collections::HashSet<String>,
-) -> (bool, bool) {
+pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, bool) {
+    // Most statements of most applications mention no name of either set at all.
+    if may_appear([first, second], sql) == [false, false] {
+        return (false, false);
+    }
     // Backslashes and dollar quotes take the careful path of `names_any`.
     if sql.contains(&b'\\') || has_dollar_quote(sql) {
         return (names_any(sql, first), names_any(sql, second));
     }
-    // Names are looked up as they are lexed, folded into a buffer on the stack: this
-    // runs for every statement of a restricted role and must not allocate.
+    // Names are looked up as they are lexed, without allocating: this runs for every
+    // statement of a restricted role.
     let found_first = std::cell::Cell::new(false);
     let found_second = std::cell::Cell::new(false);
-    let mut buffer = [0u8; 64];
-    let look_up = |name: &str| {
-        if !found_first.get() && first.contains(name) {
-            found_first.set(true);
-        }
-        if !found_second.get() && second.contains(name) {
-            found_second.set(true);
-        }
-    };
     let lexemes = lex(sql, |word, quoted| {
-        match word.len() <= buffer.len() && !quoted && word.is_ascii() {
-            true => {
-                let folded = &mut buffer[..word.len()];
-                folded.copy_from_slice(word);
-                folded.make_ascii_lowercase();
-                if let Ok(name) = std::str::from_utf8(folded) {
-                    look_up(name);
-                }
+        if !quoted && word.is_ascii() {
+            if !found_first.get() && first.contains_unquoted(word) {
+                found_first.set(true);
             }
-            false => look_up(&folded_name(word, quoted)),
+            if !found_second.get() && second.contains_unquoted(word) {
+                found_second.set(true);
+            }
+        } else {
+            let name = folded_name(word, quoted);
+            if !found_first.get() && first.contains(&name) {
+                found_first.set(true);
+            }
+            if !found_second.get() && second.contains(&name) {
+                found_second.set(true);
+            }
         }
         Lexeme::Other
     });
@@ -337,6 +342,219 @@ pub fn names_either(
         }
     }
     (found_first.get(), found_second.get())
+}
+
+/// Names (folded as PostgreSQL folds identifiers: see [`names_any`]) for the lexical
+/// prefilters. A bitmap over each name's length and first and last bytes answers "not
+/// here" for most words of a statement without hashing them; the set itself uses a
+/// fast hash, which is safe because it is built from the policy and the catalog only:
+/// client text is looked up, never inserted.
+#[derive(Debug, Clone, Default)]
+pub struct NameSet {
+    names: std::collections::HashSet<String, rustc_hash::FxBuildHasher>,
+    /// 256 bits, one set for each name (see [`NameSet::bit`]).
+    bloom: [u64; 4],
+    /// The names in ASCII lower case, by their first byte (256 lists, or none when
+    /// the set is empty), for [`NameSet::may_appear_in`].
+    by_first_byte: Vec<Vec<Box<[u8]>>>,
+    /// 256 bits: the first byte of each name, in either ASCII case.
+    first_bytes: [u64; 4],
+    /// 1024 bits: the first two bytes of each name, in either ASCII case (see
+    /// [`pair_bit`]).
+    first_pairs: [u64; 16],
+    /// A name may be named without occurring as it is: one holding a `"`, which a
+    /// quoted identifier writes doubled (or the empty name, which occurs anywhere).
+    may_hide: bool,
+}
+
+impl NameSet {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    /// Whether one of the names may appear in `sql`: `false` only when none occurs
+    /// in it as a substring, ignoring ASCII case. Text in which a name does not occur
+    /// cannot name it, however its strings, comments and quotes are read: an unquoted
+    /// identifier is folded by ASCII case only, a quoted one holds the name as it is
+    /// (unless the name has a `"`, which is written doubled: such sets always answer
+    /// `true`), and PostgreSQL's truncation of long identifiers only shortens a word
+    /// that holds the name. The exception is an identifier with Unicode escapes
+    /// (`U&"\0063ustomers"`), which needs a `&`: text with one always answers `true`.
+    /// In other client encodings, bytes that look like ASCII inside multibyte
+    /// characters are not ASCII to the server, which only makes this answer `true`
+    /// more often.
+    pub fn may_appear_in(&self, sql: &[u8]) -> bool {
+        let [found] = may_appear([self], sql);
+        found
+    }
+
+    /// Whether one of the names starts `text`, whose first byte is `first`.
+    fn starts(&self, text: &[u8], first: u8) -> bool {
+        self.by_first_byte
+            .get(usize::from(first.to_ascii_lowercase()))
+            .is_some_and(|names| names.iter().any(|name| starts_with_folded(text, name)))
+    }
+
+    /// Whether `name`, already folded, is in the set.
+    pub fn contains(&self, name: &str) -> bool {
+        let bytes = name.as_bytes();
+        let (first, last) = (bytes.first(), bytes.last());
+        self.may_contain(bytes.len(), first.copied(), last.copied()) && self.names.contains(name)
+    }
+
+    /// Whether an unquoted ASCII identifier, as written, names one of the set: it is
+    /// folded to lower case first (on the stack, up to 64 bytes).
+    fn contains_unquoted(&self, word: &[u8]) -> bool {
+        let first = word.first().map(u8::to_ascii_lowercase);
+        let last = word.last().map(u8::to_ascii_lowercase);
+        if !self.may_contain(word.len(), first, last) {
+            return false;
+        }
+        let mut buffer = [0u8; 64];
+        match buffer.get_mut(..word.len()) {
+            Some(folded) => {
+                folded.copy_from_slice(word);
+                folded.make_ascii_lowercase();
+                std::str::from_utf8(folded).is_ok_and(|name| self.names.contains(name))
+            }
+            None => self.names.contains(&folded_name(word, false)[..]),
+        }
+    }
+
+    fn may_contain(&self, len: usize, first: Option<u8>, last: Option<u8>) -> bool {
+        let bit = Self::bit(len, first, last);
+        self.bloom[bit / 64] & (1 << (bit % 64)) != 0
+    }
+
+    /// The bitmap's bit for a name of `len` bytes starting and ending with these bytes.
+    fn bit(len: usize, first: Option<u8>, last: Option<u8>) -> usize {
+        let mixed = (len as u32).wrapping_mul(0x9E37_79B9)
+            ^ u32::from(first.unwrap_or(0)).wrapping_mul(0x85EB_CA6B)
+            ^ u32::from(last.unwrap_or(0)).wrapping_mul(0xC2B2_AE35);
+        (mixed >> 24) as usize
+    }
+}
+
+/// [`NameSet::may_appear_in`] for several sets, in one pass over `sql`.
+fn may_appear<const N: usize>(sets: [&NameSet; N], sql: &[u8]) -> [bool; N] {
+    let mut found = [false; N];
+    // The bytes a name of a set still to look for starts with.
+    let mut first_bytes = [0u64; 4];
+    let mut first_pairs = [0u64; 16];
+    let mut looking = 0;
+    let escapes = sql.contains(&b'&');
+    for (set, found) in sets.iter().zip(&mut found) {
+        if set.names.is_empty() {
+            continue;
+        }
+        if set.may_hide || escapes {
+            *found = true;
+            continue;
+        }
+        for (bits, set_bits) in first_bytes.iter_mut().zip(set.first_bytes) {
+            *bits |= set_bits;
+        }
+        for (bits, set_bits) in first_pairs.iter_mut().zip(set.first_pairs) {
+            *bits |= set_bits;
+        }
+        looking += 1;
+    }
+    if looking == 0 {
+        return found;
+    }
+    for (at, &byte) in sql.iter().enumerate() {
+        // Most places start no name: a bit for the byte there says so, or else one
+        // for it and the next.
+        if first_bytes[usize::from(byte >> 6)] & (1 << (byte & 63)) == 0 {
+            continue;
+        }
+        let rest = &sql[at..];
+        let bit = pair_bit(byte, rest.get(1).copied().unwrap_or(0));
+        if first_pairs[bit / 64] & (1 << (bit % 64)) == 0 {
+            continue;
+        }
+        for (set, found) in sets.iter().zip(&mut found) {
+            if !*found && set.starts(rest, byte) {
+                *found = true;
+                looking -= 1;
+            }
+        }
+        if looking == 0 {
+            break;
+        }
+    }
+    found
+}
+
+/// The bit of a name's first two bytes in [`NameSet`]'s 1024: case is folded by
+/// setting bit 5, which maps both cases of a letter alike (and some other bytes
+/// together, which only costs a closer look).
+fn pair_bit(first: u8, second: u8) -> usize {
+    (usize::from(first | 0x20) * 37 + usize::from(second | 0x20)) % 1024
+}
+
+/// Whether `text` starts with `lower` (ASCII lower case), ignoring ASCII case. Most
+/// calls find a difference at the second byte: it returns there.
+fn starts_with_folded(text: &[u8], lower: &[u8]) -> bool {
+    text.len() >= lower.len()
+        && text
+            .iter()
+            .zip(lower)
+            .all(|(byte, lower)| byte.to_ascii_lowercase() == *lower)
+}
+
+impl FromIterator<String> for NameSet {
+    fn from_iter<I: IntoIterator<Item = String>>(names: I) -> Self {
+        let mut set = NameSet::default();
+        for name in names {
+            let bytes = name.as_bytes();
+            let bit = Self::bit(bytes.len(), bytes.first().copied(), bytes.last().copied());
+            set.bloom[bit / 64] |= 1 << (bit % 64);
+            set.may_hide |= bytes.is_empty() || bytes.contains(&b'"');
+            if set.by_first_byte.is_empty() {
+                set.by_first_byte = vec![Vec::new(); 256];
+            }
+            let lower: Box<[u8]> = bytes.to_ascii_lowercase().into();
+            let first = usize::from(lower.first().copied().unwrap_or(0));
+            if let Some(&first) = lower.first() {
+                for byte in [first, first.to_ascii_uppercase()] {
+                    set.first_bytes[usize::from(byte >> 6)] |= 1 << (byte & 63);
+                }
+            }
+            match *lower {
+                [] => {}
+                // Any byte, or the end of the text, may follow a one-byte name.
+                [only] => {
+                    for next in 0..=u8::MAX {
+                        let bit = pair_bit(only, next);
+                        set.first_pairs[bit / 64] |= 1 << (bit % 64);
+                    }
+                }
+                [first, second, ..] => {
+                    let bit = pair_bit(first, second);
+                    set.first_pairs[bit / 64] |= 1 << (bit % 64);
+                }
+            }
+            if set.names.insert(name) {
+                set.by_first_byte[first].push(lower);
+            }
+        }
+        set
+    }
+}
+
+impl<'a> FromIterator<&'a str> for NameSet {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(names: I) -> Self {
+        names.into_iter().map(str::to_string).collect()
+    }
 }
 
 pub(crate) fn is_identifier_start(byte: u8) -> bool {
@@ -490,8 +708,7 @@ mod tests {
 
     #[test]
     fn finds_names_whatever_their_case_or_quoting() {
-        let names: std::collections::HashSet<String> =
-            ["customers".to_string(), "Mixed Case".to_string()].into();
+        let names: NameSet = ["customers", "Mixed Case"].into_iter().collect();
         assert!(names_any(b"SELECT * FROM Customers", &names));
         assert!(names_any(b"select 1 from public.\"customers\" c", &names));
         assert!(names_any(b"update \"Mixed Case\" set x = 1", &names));
@@ -500,8 +717,14 @@ mod tests {
             &names
         ));
         assert!(!names_any(b"select * from customers_archive", &names));
-        assert!(names_any(b"select * from t /* unterminated", &names));
-        assert!(names_any(b"select 'a\\' , ' ; update x", &names));
+        // Unreadable text may name anything, when a name occurs in it at all.
+        assert!(names_any(
+            b"select * from t /* unterminated customers",
+            &names
+        ));
+        assert!(!names_any(b"select * from t /* unterminated", &names));
+        assert!(names_any(b"select 'a\\' , 'customers' ; update x", &names));
+        assert!(!names_any(b"select 'a\\' , ' ; update x", &names));
         assert!(names_any(b"update U&\"\\0063ustomers\" set x = 1", &names));
         assert!(names_any(
             b"DO $$BEGIN UPDATE CUSTOMERS SET x = 1; END$$",
@@ -515,11 +738,47 @@ mod tests {
     }
 
     #[test]
+    fn a_name_may_appear_only_where_it_occurs_ignoring_ascii_case() {
+        let names: NameSet = ["customers", "Mixed Case", "客户"].into_iter().collect();
+        for sql in [
+            &b"select * from CUSTOMERS"[..],
+            b"select 'customers_archive'",
+            b"select 1 -- cUsToMeRs",
+            b"update \"Mixed Case\" set x = 1",
+            b"select * from \"MIXED CASE\"",
+            "select 1 from 客户".as_bytes(),
+            b"select * from u&\"\\0063ustomers\"",
+            b"select 1 & 2",
+            b"customers",
+        ] {
+            assert!(names.may_appear_in(sql), "{}", String::from_utf8_lossy(sql));
+        }
+        for sql in [
+            &b"select abalance from pgbench_accounts where aid = 1"[..],
+            b"select * from customer s",
+            b"select 'unterminated",
+            b"",
+            "select 1 from 客 户".as_bytes(),
+        ] {
+            assert!(
+                !names.may_appear_in(sql),
+                "{}",
+                String::from_utf8_lossy(sql)
+            );
+        }
+        assert!(!NameSet::default().may_appear_in(b"select * from customers"));
+        // A name with a double quote is written doubled in a quoted identifier.
+        let quoted: NameSet = ["say \"hi\""].into_iter().collect();
+        assert!(quoted.may_appear_in(b"select 1 from \"say \"\"hi\"\"\""));
+        assert!(names_any(b"select 1 from \"say \"\"hi\"\"\"", &quoted));
+        assert!(quoted.may_appear_in(b"select 1"));
+        assert!(!names_any(b"select 1", &quoted));
+    }
+
+    #[test]
     fn names_either_answers_like_names_any_for_both_sets() {
-        let tables: std::collections::HashSet<String> =
-            ["customers".to_string(), "Mixed Case".to_string()].into();
-        let words: std::collections::HashSet<String> =
-            ["declare".to_string(), "fetch".to_string()].into();
+        let tables: NameSet = ["customers", "Mixed Case"].into_iter().collect();
+        let words: NameSet = ["declare", "fetch"].into_iter().collect();
         for sql in [
             &b"SELECT * FROM Customers"[..],
             b"DECLARE c CURSOR FOR SELECT 1",
@@ -547,13 +806,13 @@ mod tests {
             names_either(b"FETCH 2 FROM c", &tables, &words),
             (false, true)
         );
-        let long: std::collections::HashSet<String> = [
-            "a_very_long_identifier_that_is_longer_than_sixty_four_bytes_by_some_margin_customers"
-                .to_string(),
-            "客户".to_string(),
-            "say \"hi\"".to_string(),
+        let long: NameSet = [
+            "a_very_long_identifier_that_is_longer_than_sixty_four_bytes_by_some_margin_customers",
+            "客户",
+            "say \"hi\"",
         ]
-        .into();
+        .into_iter()
+        .collect();
         assert_eq!(
             names_either(
                 b"SELECT 1 FROM A_VERY_LONG_IDENTIFIER_THAT_IS_LONGER_THAN_SIXTY_FOUR_BYTES_BY_SOME_MARGIN_CUSTOMERS",

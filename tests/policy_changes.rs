@@ -319,6 +319,47 @@ async fn the_first_execute_after_a_policy_reload_follows_the_new_policy() {
 }
 
 #[tokio::test]
+async fn a_result_that_held_nothing_protected_is_checked_again_after_a_policy_reload() {
+    // pgveil remembers the columns of the last result of a session that held nothing
+    // protected, and passes the same columns again without planning them: that must
+    // end when the policy protects one of them.
+    let (proxy, path) = proxy_with_policy_file("");
+    let clerk = proxy.connect("clerk").await;
+    let read = "SELECT id, note FROM orders WHERE id = 1";
+    let statement = clerk.prepare(read).await.unwrap();
+    for _ in 0..3 {
+        let row = clerk.query_one(&statement, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(1), "an order");
+        let messages = clerk.simple_query(read).await.unwrap();
+        let note = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(1).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(note.as_deref(), Some("an order"));
+    }
+
+    std::fs::write(
+        &path,
+        format!("{POLICY}\n  public.orders:\n    columns:\n      note: {{ level: L4 }}\n"),
+    )
+    .unwrap();
+    let watcher = proxy.connect("clerk").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            value(&watcher, "SELECT note FROM orders WHERE id = 1").await == Err("42501".into())
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    let error = clerk.query_one(&statement, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{error:?}");
+    let error = clerk.simple_query(read).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501", "{error:?}");
+    assert!(!format!("{error:?}").contains("an order"));
+}
+
+#[tokio::test]
 async fn server_errors_and_notices_do_not_quote_values_to_restricted_roles() {
     let proxy = proxy();
     let duplicate = format!("INSERT INTO customers VALUES (2, NULL, '{ID_CARD}')");

@@ -11,7 +11,7 @@
 //! analyse must never stop the whole catalog from loading.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tokio_postgres::types::FromSql;
@@ -25,6 +25,8 @@ use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
 use crate::sql::encryption::{Content, EncryptedRelation, RelationColumn};
 use crate::sql::lineage::{ProtectedRelation, RelationColumn as LineageColumn};
+use crate::sqltext::NameSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// Where a result column's values come from, as far as the policy is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,22 +48,22 @@ pub struct MissingTable {
 #[derive(Debug, Default)]
 pub struct CatalogSnapshot {
     pub database: String,
-    columns: HashMap<(u32, i16), ColumnSource>,
+    columns: FxHashMap<(u32, i16), ColumnSource>,
     /// Every relation a RowDescription can name that existed when the snapshot was
     /// taken.
-    known_relations: HashSet<u32>,
+    known_relations: FxHashSet<u32>,
     /// The views and materialized views among them: what they return can be redefined
     /// under the same OID.
-    views: HashSet<u32>,
+    views: FxHashSet<u32>,
     /// Protected columns that rules returning rows read (sorted, no duplicates).
     rule_sources: Vec<ColumnId>,
     /// Names (`relname`, as the catalog spells them) of the relations with protected
     /// columns: policy tables, their partitions and children, views showing them.
-    protected_names: HashSet<String>,
+    protected_names: NameSet,
     /// Relations with encrypted columns (tables, partitions, children, views showing
     /// them) by `relname`, for the analysis of statements.
     encrypted_relations: HashMap<String, Vec<Arc<EncryptedRelation>>>,
-    encrypted_names: HashSet<String>,
+    encrypted_names: NameSet,
     /// Relations with protected columns by `relname`, for the lineage analysis.
     lineage_relations: HashMap<String, Vec<Arc<ProtectedRelation>>>,
     /// Protected tables or columns the database lacks.
@@ -127,7 +129,7 @@ impl CatalogSnapshot {
 
     /// [`Self::names_protected_relation`] and whether the text also holds one of `words`,
     /// in one lexical pass.
-    pub fn names_protected_relation_or(&self, sql: &[u8], words: &HashSet<String>) -> (bool, bool) {
+    pub fn names_protected_relation_or(&self, sql: &[u8], words: &NameSet) -> (bool, bool) {
         crate::sqltext::names_either(sql, &self.protected_names, words)
     }
 

@@ -34,7 +34,7 @@ use crate::protect::pgtypes::is_text_like;
 use crate::sql::lineage::{
     field_sources, FieldSources, OutputColumn, Sources, StatementKind, StatementLineage,
 };
-use crate::sqltext::{may_modify_data, runs_another_statement};
+use crate::sqltext::{may_modify_data, runs_another_statement, NameSet};
 use crate::wire::bind::{encode_bind, encode_parse};
 use crate::wire::copy_out::{CopyOutError, CopyOutFormat, CopyOutRewriter, FieldChange};
 use crate::wire::frame::encode_frame;
@@ -44,7 +44,7 @@ use crate::wire::messages::{
 };
 use crate::wire::rows::{
     decode_data_row, decode_row_description, encode_data_row, encode_row_description,
-    FieldDescription, BINARY_FORMAT,
+    row_description_sources_are, FieldDescription, BINARY_FORMAT,
 };
 
 #[derive(Debug, Error)]
@@ -267,6 +267,20 @@ pub struct ReadGuard {
     row_limit: Option<RowLimit>,
     /// Rows with protected columns each cursor and portal has returned so far.
     rows_returned: HashMap<RowKey, u64>,
+    /// The columns of the last result found to hold nothing protected.
+    unprotected: Option<UnprotectedColumns>,
+}
+
+/// The columns of a result that was planned and holds nothing protected, each named by
+/// its relation and attribute (neither 0). Such a plan depends on nothing but these
+/// pairs, the catalog and policy (the protection's generation) and the role: the same
+/// columns again, as when a statement runs again, pass without being planned again.
+/// What else a plan checks is checked at each use (see `ReadGuard::known_unprotected`).
+#[derive(Debug)]
+struct UnprotectedColumns {
+    generation: u64,
+    role: RoleId,
+    columns: Vec<(u32, i16)>,
 }
 
 /// The row limit of one result.
@@ -291,8 +305,8 @@ const MAX_COUNTED: usize = 4096;
 
 /// Words that send a text to the lineage analysis although it names no protected
 /// relation (see [`CURSOR_WORDS`]).
-static CURSOR_WORD_SET: std::sync::LazyLock<HashSet<String>> =
-    std::sync::LazyLock::new(|| CURSOR_WORDS.iter().map(|w| w.to_string()).collect());
+static CURSOR_WORD_SET: std::sync::LazyLock<NameSet> =
+    std::sync::LazyLock::new(|| CURSOR_WORDS.into_iter().collect());
 
 /// Parse texts and statement names pgveil sends in place of refused ones start with it:
 /// byte 1 makes the text unparseable and the name one no client uses.
@@ -318,12 +332,54 @@ struct SentRequests {
     statements: HashMap<Vec<u8>, SentStatement>,
     /// Portal name → what is known of its statement, and the executing requests the
     /// client had sent at its Bind.
-    portals: HashMap<Vec<u8>, (SentStatement, u64)>,
+    portals: SentPortals,
     /// Portals were forgotten to bound memory: an unknown portal may be one of them.
     forgot_portals: bool,
     /// The portal the client's last message described (libpq sends Bind, Describe,
     /// Execute): its description is as fresh as one pgveil would take.
     described_last: Option<Vec<u8>>,
+}
+
+/// Portals by name, with the unnamed portal (which most drivers bind for every
+/// statement) kept apart: binding it hashes and copies no name.
+#[derive(Default)]
+struct SentPortals {
+    unnamed: Option<(SentStatement, u64)>,
+    named: HashMap<Vec<u8>, (SentStatement, u64)>,
+}
+
+impl SentPortals {
+    fn get(&self, name: &[u8]) -> Option<&(SentStatement, u64)> {
+        match name {
+            [] => self.unnamed.as_ref(),
+            _ => self.named.get(name),
+        }
+    }
+
+    fn get_mut(&mut self, name: &[u8]) -> Option<&mut (SentStatement, u64)> {
+        match name {
+            [] => self.unnamed.as_mut(),
+            _ => self.named.get_mut(name),
+        }
+    }
+
+    fn insert(&mut self, name: &[u8], portal: (SentStatement, u64)) {
+        match name {
+            [] => self.unnamed = Some(portal),
+            _ => {
+                self.named.insert(name.to_vec(), portal);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.named.len() + usize::from(self.unnamed.is_some())
+    }
+
+    fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
 }
 
 /// What pgveil knows of a statement the client sent.
@@ -401,8 +457,7 @@ impl SentRequests {
                     self.portals.clear();
                     self.forgot_portals = true;
                 }
-                self.portals
-                    .insert(names.portal.to_vec(), (statement, executions));
+                self.portals.insert(names.portal, (statement, executions));
             }
             b'E' => {
                 let portal = execute_portal(body)?;
@@ -525,6 +580,7 @@ impl ReadGuard {
             lineage: SessionLineage::default(),
             row_limit: None,
             rows_returned: HashMap::new(),
+            unprotected: None,
         }
     }
 
@@ -1093,6 +1149,13 @@ impl ReadGuard {
         refusal
     }
 
+    /// Whether it matters if a simple Query may modify data: only when a rule returns
+    /// protected rows (see `plan`) to a role whose results are inspected. When it does
+    /// not, the session state need not read each Query for it.
+    pub fn tracks_modifications(&self) -> bool {
+        !self.unrestricted() && !self.protection.catalog.reading_rule_sources().is_empty()
+    }
+
     /// Whether client CopyData must be inspected (a COPY into encrypted columns).
     pub fn rewrites_copy_data(&self) -> bool {
         self.crypto.rewrites_copy_data()
@@ -1521,10 +1584,12 @@ impl ReadGuard {
             Some(statement) => runs_another_statement(&statement.query),
             None => found.from_bind,
         };
-        let modifies = found
-            .statement
-            .as_ref()
-            .is_none_or(|statement| may_modify_data(&statement.query));
+        // Only read when a rule returns protected rows (see `plan`).
+        let modifies = !self.protection.catalog.reading_rule_sources().is_empty()
+            && found
+                .statement
+                .as_ref()
+                .is_none_or(|statement| may_modify_data(&statement.query));
         if runs_another && !found.executed && *sent_after != found.bound_after {
             // SQL FETCH and EXECUTE find their cursor or statement only when they run;
             // whatever ran since Bind may have replaced it, so the description taken
@@ -1542,6 +1607,19 @@ impl ReadGuard {
             ));
             return Ok(());
         }
+        if let (Some(Some(columns)), Some(unprotected)) =
+            (&found.described, self.known_unprotected())
+        {
+            let same = columns.len() == unprotected.columns.len()
+                && columns
+                    .iter()
+                    .zip(&unprotected.columns)
+                    .all(|(field, &known)| (field.table_oid, field.attnum) == known);
+            if same {
+                self.pass_unprotected(state);
+                return Ok(());
+            }
+        }
         let (computed, row_key) = self.computed_now(state);
         // Only a description of the portal itself is trusted: the statement's was taken
         // when it was prepared, and what it reads may have changed since.
@@ -1550,6 +1628,9 @@ impl ReadGuard {
             Some(None) => ResultState::NoRows { portal: name() },
             Some(Some(columns)) => match self.plan(columns, modifies, &computed) {
                 Plan::Pass { protected } => {
+                    if !protected {
+                        self.remember_if_unprotected(&Plan::Pass { protected }, columns);
+                    }
                     self.served = self.served_counters(columns);
                     self.start_row_limit(protected, row_key);
                     ResultState::Pass
@@ -1594,7 +1675,16 @@ impl ReadGuard {
             // The session state reports the desync.
             _ => return Ok(Verdict::Forward),
         };
-        if self.unrestricted() {
+        if !self.unrestricted() {
+            if let Some(unprotected) = self.known_unprotected() {
+                if row_description_sources_are(body, &unprotected.columns) {
+                    if !answers_describe {
+                        self.pass_unprotected(state);
+                    }
+                    return Ok(Verdict::Forward);
+                }
+            }
+        } else {
             if !answers_describe {
                 self.result = ResultState::Pass;
                 let columns = decode_row_description(body)?;
@@ -1612,6 +1702,7 @@ impl ReadGuard {
         // A Describe is answered before anything runs; the rows are checked again
         // when they come, with what the statement may fire.
         let plan = self.plan(&columns, modifies, &computed);
+        self.remember_if_unprotected(&plan, &columns);
         if let Plan::Unknown(oid) = plan {
             return Ok(Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
@@ -1661,8 +1752,15 @@ impl ReadGuard {
         if self.unrestricted() {
             return Ok(Verdict::Drop);
         }
+        if let Some(unprotected) = self.known_unprotected() {
+            if row_description_sources_are(body, &unprotected.columns) {
+                return Ok(Verdict::Drop);
+            }
+        }
         let columns = decode_row_description(body)?;
-        Ok(match self.plan(&columns, false, &Computed::Nothing) {
+        let plan = self.plan(&columns, false, &Computed::Nothing);
+        self.remember_if_unprotected(&plan, &columns);
+        Ok(match plan {
             Plan::Unknown(oid) => Verdict::AwaitCatalog(Refresh {
                 newer_than: self.protection.generation,
                 unknown_relation: Some(oid),
@@ -1748,12 +1846,7 @@ impl ReadGuard {
             ) => {
                 let bound_after = state.portal(portal).map_or(0, |p| p.bound_after);
                 let key = RowKey::Portal(portal.to_vec(), bound_after);
-                match self
-                    .sent
-                    .portals
-                    .get(&portal[..])
-                    .map(|(sent, _)| &sent.lineage)
-                {
+                match self.sent.portals.get(portal).map(|(sent, _)| &sent.lineage) {
                     Some(SentLineage::Analysed(statement)) => (statement.clone(), Some(key)),
                     Some(SentLineage::NotAnalysed) => return (Computed::Nothing, Some(key)),
                     Some(SentLineage::Unseen) => {
@@ -1794,6 +1887,52 @@ impl ReadGuard {
             None => key,
         };
         (self.lineage.computed(&statement, &self.protection), key)
+    }
+
+    /// The columns remembered as unprotected, while that still holds: the same
+    /// protection and role, and none of the doubts under which `plan` refuses every
+    /// column of a relation (see `in_doubt`).
+    fn known_unprotected(&self) -> Option<&UnprotectedColumns> {
+        let known = self.unprotected.as_ref()?;
+        let in_doubt = self.memberships_unknown
+            || self.catalog_out_of_date
+            || self.relations_in_doubt
+            || self.views_in_doubt;
+        (known.generation == self.protection.generation && known.role == self.role && !in_doubt)
+            .then_some(known)
+    }
+
+    /// Remembers the columns of a result planned to hold nothing protected, when each
+    /// names its relation and attribute (a computed or whole-row column's plan depends
+    /// on the statement's lineage, so such results are not remembered).
+    fn remember_if_unprotected(&mut self, plan: &Plan, columns: &[FieldDescription]) {
+        let named = columns
+            .iter()
+            .all(|field| field.table_oid != 0 && field.attnum != 0);
+        if matches!(plan, Plan::Pass { protected: false }) && named {
+            self.unprotected = Some(UnprotectedColumns {
+                generation: self.protection.generation,
+                role: self.role,
+                columns: columns
+                    .iter()
+                    .map(|field| (field.table_oid, field.attnum))
+                    .collect(),
+            });
+        }
+    }
+
+    /// What the plan of a result with the remembered unprotected columns gives: its rows
+    /// pass, none counts against `max_rows` or as a protected value served.
+    fn pass_unprotected(&mut self, state: &SessionState) {
+        if let Some(Expected::SimpleQuery { sent_after, .. }) = state.next_expected() {
+            // As `computed_now` would: the lineages of the Queries answered before
+            // this one are dropped.
+            self.lineage.answering_query(*sent_after);
+        }
+        self.served.clear();
+        self.audited_columns.clear();
+        self.row_limit = None;
+        self.result = ResultState::Pass;
     }
 
     /// Starts counting the rows of a result against the role's `max_rows`, when it

@@ -402,7 +402,16 @@ impl Pump {
             let verdict = match self.direction {
                 Direction::ClientToServer => {
                     let verdict = match shared.guard.as_mut() {
-                        Some(guard) => guard.on_client_message(&shared.state, header.tag, body)?,
+                        Some(guard) => {
+                            let verdict =
+                                guard.on_client_message(&shared.state, header.tag, body)?;
+                            if header.tag == b'Q' {
+                                shared
+                                    .state
+                                    .track_modifications(guard.tracks_modifications());
+                            }
+                            verdict
+                        }
                         None => Verdict::Forward,
                     };
                     if let Verdict::DescribeFirst(portal) = &verdict {

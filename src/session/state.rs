@@ -120,9 +120,10 @@ pub enum Expected {
     /// Sync → ReadyForQuery.
     SyncReady,
     /// Query → any number of results, then ReadyForQuery. `modifies`: its text may run
-    /// a data-modifying command (see `sqltext::may_modify_data`; only worked out when
-    /// the session has a read guard). `sent_after` counts the executing requests sent
-    /// before it; `text` is the query, kept only when the session is audited.
+    /// a data-modifying command (see `sqltext::may_modify_data`); `true` when that was
+    /// not worked out (see [`SessionState::track_modifications`]). `sent_after` counts
+    /// the executing requests sent before it; `text` is the query, kept only when the
+    /// session is audited.
     SimpleQuery {
         modifies: bool,
         sent_after: u64,
@@ -184,7 +185,8 @@ pub struct SessionState {
     copy_in_open: bool,
     /// Executing requests (Query, Execute, FunctionCall) the client has sent.
     executions_sent: u64,
-    /// Work out for each simple Query whether it may modify data.
+    /// Work out for each simple Query whether it may modify data; when off, every
+    /// Query may.
     track_modifications: bool,
     /// Keep each simple Query's text until it is answered (for the audit log).
     keep_query_text: bool,
@@ -202,6 +204,14 @@ impl SessionState {
             track_modifications: true,
             ..SessionState::default()
         }
+    }
+
+    /// Whether the next simple Queries are read for data-modifying commands. Off when
+    /// nothing depends on it (no rule returns protected rows): they are then all
+    /// taken to modify data, which is what a reader of `modifies` must assume when
+    /// it does not know.
+    pub fn track_modifications(&mut self, on: bool) {
+        self.track_modifications = on;
     }
 
     /// Keeps each simple Query's text in its [`Expected::SimpleQuery`] until answered.
@@ -270,7 +280,7 @@ impl SessionState {
     pub fn next_expected(&self) -> Option<&Expected> {
         self.pending
             .iter()
-            .find(|expected| **expected != Expected::CopyInEnded)
+            .find(|expected| !matches!(expected, Expected::CopyInEnded))
     }
 
     pub fn copy_in_progress(&self) -> Option<CopyDirection> {
@@ -331,7 +341,7 @@ impl SessionState {
             b'Q' => {
                 let sent_after = self.executions_sent;
                 self.executions_sent += 1;
-                let modifies = self.track_modifications && may_modify_data(body);
+                let modifies = !self.track_modifications || may_modify_data(body);
                 let text = self.keep_query_text.then(|| {
                     let query = body.strip_suffix(b"\0").unwrap_or(body);
                     QueryText(Bytes::copy_from_slice(query))
@@ -778,7 +788,7 @@ mod tests {
 
     #[test]
     fn simple_query_with_several_statements_and_an_error() {
-        let mut state = SessionState::new();
+        let mut state = SessionState::tracking_modifications();
         state
             .on_client_message(b'Q', b"select 1; select x; select 3\0")
             .unwrap();
@@ -794,6 +804,24 @@ mod tests {
         ));
         state.on_server_message(b'Z', b"I").unwrap();
         assert!(state.pending().is_empty());
+    }
+
+    #[test]
+    fn a_query_not_read_for_modifications_may_modify_data() {
+        let modifies = |state: &mut SessionState, sql: &[u8]| {
+            state.on_client_message(b'Q', sql).unwrap();
+            let Some(Expected::SimpleQuery { modifies, .. }) = state.pending().back() else {
+                panic!("no SimpleQuery expected after a Query");
+            };
+            *modifies
+        };
+        let mut state = SessionState::tracking_modifications();
+        assert!(!modifies(&mut state, b"select 1\0"));
+        assert!(modifies(&mut state, b"insert into t values (1)\0"));
+        state.track_modifications(false);
+        assert!(modifies(&mut state, b"select 1\0"));
+        state.track_modifications(true);
+        assert!(!modifies(&mut state, b"select 2\0"));
     }
 
     #[test]

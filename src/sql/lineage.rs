@@ -216,8 +216,8 @@ fn piecewise(sql: &str, knowledge: &Knowledge) -> Option<Vec<StatementLineage>> 
             _ => pieces.last_mut()?.push(token),
         }
     }
-    let relation_names: std::collections::HashSet<String> =
-        knowledge.relations.keys().cloned().collect();
+    let relation_names: crate::sqltext::NameSet =
+        knowledge.relations.keys().map(String::as_str).collect();
     let mut result = Vec::new();
     // Statements recovered by looking at them one at a time.
     let mut cursor_statements = 0;

@@ -66,6 +66,32 @@ pub fn decode_row_description(body: &[u8]) -> Result<Vec<FieldDescription>, Malf
     Ok(fields)
 }
 
+/// Whether the fields of a RowDescription body come, in order, from exactly these
+/// (relation OID, attribute number) pairs. Read in place, without decoding: it runs
+/// for every result of a restricted role. A malformed body matches nothing.
+pub fn row_description_sources_are(body: &[u8], sources: &[(u32, i16)]) -> bool {
+    let Some(count) = read_i16(body, 0) else {
+        return false;
+    };
+    if usize::try_from(count).ok() != Some(sources.len()) {
+        return false;
+    }
+    let mut rest = &body[2..];
+    for &(table_oid, attnum) in sources {
+        let Some((_, after)) = split_cstr(rest) else {
+            return false;
+        };
+        let Some(fixed) = after.get(..18) else {
+            return false;
+        };
+        if read_i32(fixed, 0) != Some(table_oid as i32) || read_i16(fixed, 4) != Some(attnum) {
+            return false;
+        }
+        rest = &after[18..];
+    }
+    rest.is_empty()
+}
+
 /// Encodes a whole RowDescription frame.
 pub fn encode_row_description(fields: &[FieldDescription]) -> Vec<u8> {
     let mut body = Vec::with_capacity(2 + fields.iter().map(|f| f.name.len() + 19).sum::<usize>());
@@ -214,6 +240,45 @@ mod tests {
         let mut longer = body.clone();
         longer.push(0);
         assert!(decode_row_description(&longer).is_err());
+    }
+
+    #[test]
+    fn compares_the_sources_of_row_descriptions_in_place() {
+        let body = row_description(&[("id", 16384, 1, 23, 0), ("phone", 16384, 3, 25, 1)]);
+        assert!(row_description_sources_are(
+            &body,
+            &[(16384, 1), (16384, 3)]
+        ));
+        assert!(!row_description_sources_are(
+            &body,
+            &[(16384, 1), (16384, 4)]
+        ));
+        assert!(!row_description_sources_are(
+            &body,
+            &[(16385, 1), (16384, 3)]
+        ));
+        assert!(!row_description_sources_are(&body, &[(16384, 1)]));
+        assert!(!row_description_sources_are(
+            &body,
+            &[(16384, 1), (16384, 3), (16384, 5)]
+        ));
+        assert!(!row_description_sources_are(
+            &body[..body.len() - 1],
+            &[(16384, 1), (16384, 3)]
+        ));
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(!row_description_sources_are(
+            &longer,
+            &[(16384, 1), (16384, 3)]
+        ));
+        let oid_above_i32 = row_description(&[("x", 3_000_000_000, 2, 25, 0)]);
+        assert!(row_description_sources_are(
+            &oid_above_i32,
+            &[(3_000_000_000, 2)]
+        ));
+        assert!(row_description_sources_are(&row_description(&[]), &[]));
+        assert!(!row_description_sources_are(b"", &[]));
     }
 
     #[test]
