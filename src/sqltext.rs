@@ -302,7 +302,8 @@ fn has_dollar_quote(sql: &[u8]) -> bool {
 /// of `second`.
 pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, bool) {
     // Most statements of most applications mention no name of either set at all.
-    if may_appear([first, second], sql) == [false, false] {
+    let [may_name_first, may_name_second] = may_appear([first, second], sql);
+    if !may_name_first && !may_name_second {
         return (false, false);
     }
     // Backslashes and dollar quotes take the careful path of `names_any`.
@@ -341,7 +342,11 @@ pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, boo
             break;
         }
     }
-    (found_first.get(), found_second.get())
+    // An unreadable text names only the sets whose names occur in it (see `names_any`).
+    (
+        may_name_first && found_first.get(),
+        may_name_second && found_second.get(),
+    )
 }
 
 /// Names (folded as PostgreSQL folds identifiers: see [`names_any`]) for the lexical
@@ -773,6 +778,86 @@ mod tests {
         assert!(names_any(b"select 1 from \"say \"\"hi\"\"\"", &quoted));
         assert!(quoted.may_appear_in(b"select 1"));
         assert!(!names_any(b"select 1", &quoted));
+    }
+
+    #[test]
+    fn a_name_the_lexer_finds_always_may_appear() {
+        // What the prefilter skips, the lexer must never have found: texts made of
+        // fragments that open and close quotes, comments and dollar quotes at random.
+        let sets: [NameSet; 3] = [
+            ["customers", "Mixed Case", "客户"].into_iter().collect(),
+            ["q", "declare", "fetch", "execute", "close"]
+                .into_iter()
+                .collect(),
+            ["say \"hi\""].into_iter().collect(),
+        ];
+        let fragments: [&[u8]; 30] = [
+            b"select ",
+            b" ",
+            b"customers",
+            b"CUSTOMERS",
+            b"\"customers\"",
+            b"\"Mixed Case\"",
+            b"'",
+            b"--",
+            b"/*",
+            b"*/",
+            b"\n",
+            b"x",
+            b"q",
+            b"Q",
+            b"1",
+            b"$$",
+            b"$1",
+            b";",
+            b"(",
+            b")",
+            b"cust",
+            b"omers",
+            b"\"",
+            b"public.",
+            "客户".as_bytes(),
+            b"\"say \"\"hi\"\"\"",
+            b"e'",
+            b"DECLARE",
+            b"Fetch",
+            b"u&",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |bound: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize % bound
+        };
+        for _ in 0..5000 {
+            let mut sql = Vec::new();
+            for _ in 0..next(12) {
+                sql.extend_from_slice(fragments[next(fragments.len())]);
+            }
+            for set in &sets {
+                let found = lexemes(&sql).any(|(lexeme, _)| match lexeme {
+                    Lexeme::Name(name) => set.contains(&name),
+                    _ => false,
+                });
+                assert!(
+                    !found || set.may_appear_in(&sql),
+                    "{:?} found in {}",
+                    set.iter().collect::<Vec<_>>(),
+                    String::from_utf8_lossy(&sql)
+                );
+            }
+            let [first, second] = [&sets[0], &sets[1]];
+            assert_eq!(
+                names_either(&sql, first, second),
+                (names_any(&sql, first), names_any(&sql, second)),
+                "{}",
+                String::from_utf8_lossy(&sql)
+            );
+        }
+        // A one-byte name, at the end of the text too.
+        assert!(sets[1].may_appear_in(b"select * from q"));
+        assert!(sets[1].may_appear_in(b"select * from Q"));
+        assert!(sets[1].may_appear_in(b"select * from Q;"));
+        assert!(!sets[1].may_appear_in(b"select 1"));
     }
 
     #[test]

@@ -1629,7 +1629,7 @@ impl ReadGuard {
             Some(Some(columns)) => match self.plan(columns, modifies, &computed) {
                 Plan::Pass { protected } => {
                     if !protected {
-                        self.remember_if_unprotected(&Plan::Pass { protected }, columns);
+                        self.remember_unprotected(columns);
                     }
                     self.served = self.served_counters(columns);
                     self.start_row_limit(protected, row_key);
@@ -1906,10 +1906,17 @@ impl ReadGuard {
     /// names its relation and attribute (a computed or whole-row column's plan depends
     /// on the statement's lineage, so such results are not remembered).
     fn remember_if_unprotected(&mut self, plan: &Plan, columns: &[FieldDescription]) {
+        if matches!(plan, Plan::Pass { protected: false }) {
+            self.remember_unprotected(columns);
+        }
+    }
+
+    /// [`Self::remember_if_unprotected`] of a result already planned as unprotected.
+    fn remember_unprotected(&mut self, columns: &[FieldDescription]) {
         let named = columns
             .iter()
             .all(|field| field.table_oid != 0 && field.attnum != 0);
-        if matches!(plan, Plan::Pass { protected: false }) && named {
+        if named {
             self.unprotected = Some(UnprotectedColumns {
                 generation: self.protection.generation,
                 role: self.role,
