@@ -243,3 +243,11 @@ ratio() { # a b -> a/b with 2 decimals, or n/a
 fmt() { # decimals number -> fixed decimals, FAIL stays
     if [[ $2 == FAIL ]]; then echo FAIL; else awk -v x="$2" -v d="$1" 'BEGIN { printf "%.*f\n", d, x }'; fi
 }
+
+paired_ratios() { # "a1 a2 …" "b1 b2 …" -> "b1/a1 b2/a2 …" (3 decimals); empty when the counts differ
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        n = split(a, x, " "); m = split(b, y, " ");
+        if (n != m || n == 0) exit;
+        for (i = 1; i <= n; i++) printf "%s%.3f", (i > 1 ? " " : ""), y[i] / x[i];
+        print "" }'
+}

@@ -331,27 +331,34 @@ done
     echo "- pgveil+policy: the same binary with a policy protecting public.customers (name L2, phone and email L3, id_card L4); postgres matches no policy role, so it gets role \`default\` (L2/L3 masked, L4 denied): a restricted role, checked before and after measuring. pgbench's tables are not protected"
     echo "- scale $SCALE, ${DURATION}s per run, $ROUNDS interleaved rounds (medians shown), -j = min(clients, 2), fsync=off, TCP on 127.0.0.1"
     echo
-    echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | pgveil+policy TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil+policy lat ms | pgveil/direct | pgveil/pgbouncer | policy/no-policy |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| mode | clients | direct TPS | pgbouncer TPS | pgveil TPS | pgveil+policy TPS | direct lat ms | pgbouncer lat ms | pgveil lat ms | pgveil+policy lat ms | pgveil/direct | pgveil/pgbouncer | policy/no-policy | policy/no-policy, paired |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode in $MODES; do
         for c in $CLIENTS; do
             d=$mode/$c/direct b=$mode/$c/pgbouncer v=$mode/$c/pgveil p=$mode/$c/pgveil+policy
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" \
+            paired=$(paired_ratios "${TPS_RUNS[$v]:-}" "${TPS_RUNS[$p]:-}")
+            # shellcheck disable=SC2086
+            paired_median=$([[ -n $paired ]] && fmt 2 "$(median $paired)" || echo n/a)
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" \
                 "$(fmt 0 "${TPS[$d]}")" "$(fmt 0 "${TPS[$b]}")" "$(fmt 0 "${TPS[$v]}")" "$(fmt 0 "${TPS[$p]}")" \
                 "$(fmt 3 "${LAT[$d]}")" "$(fmt 3 "${LAT[$b]}")" "$(fmt 3 "${LAT[$v]}")" "$(fmt 3 "${LAT[$p]}")" \
                 "$(ratio "${TPS[$v]}" "${TPS[$d]}")" "$(ratio "${TPS[$v]}" "${TPS[$b]}")" \
-                "$(ratio "${TPS[$p]}" "${TPS[$v]}")"
+                "$(ratio "${TPS[$p]}" "${TPS[$v]}")" "$paired_median"
         done
     done
     echo
     echo "Ratios are TPS ratios of the medians (higher is better for pgveil); policy/no-policy is"
-    echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. Every run, TPS:"
+    echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. The paired column is the"
+    echo "median of that ratio taken in each round, where the two ran one after the other:"
+    echo "it is steadier than the ratio of medians when the machine's speed drifts between"
+    echo "rounds. Every run, TPS, and the paired ratios:"
     echo
     for mode in $MODES; do
         for c in $CLIENTS; do
-            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s\n' "$mode" "$c" \
+            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s| paired %s\n' "$mode" "$c" \
                 "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" \
-                "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}"
+                "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}" \
+                "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}")"
         done
     done
 }

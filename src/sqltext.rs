@@ -350,10 +350,13 @@ pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, boo
 }
 
 /// Names (folded as PostgreSQL folds identifiers: see [`names_any`]) for the lexical
-/// prefilters. A bitmap over each name's length and first and last bytes answers "not
-/// here" for most words of a statement without hashing them; the set itself uses a
-/// fast hash, which is safe because it is built from the policy and the catalog only:
-/// client text is looked up, never inserted.
+/// prefilters: [`NameSet::may_appear_in`] passes over most texts in one cheap scan,
+/// and a bitmap over each name's length and first and last bytes answers "not here"
+/// for most words the lexer finds without hashing them. The set itself uses a fast
+/// hash, which is safe because it is built from the policy and the catalog only:
+/// client text is looked up, never inserted. Names are compared as bytes: a client
+/// whose `client_encoding` is not UTF-8 spells a non-ASCII name in other bytes (see
+/// [`NameSet::is_ascii`] and `CatalogSnapshot::names_hidden_in`).
 #[derive(Debug, Clone, Default)]
 pub struct NameSet {
     names: std::collections::HashSet<String, rustc_hash::FxBuildHasher>,
@@ -370,6 +373,8 @@ pub struct NameSet {
     /// A name may be named without occurring as it is: one holding a `"`, which a
     /// quoted identifier writes doubled (or the empty name, which occurs anywhere).
     may_hide: bool,
+    /// A name has a byte outside ASCII.
+    non_ascii: bool,
 }
 
 impl NameSet {
@@ -385,6 +390,12 @@ impl NameSet {
         self.names.iter().map(String::as_str)
     }
 
+    /// Whether every name is ASCII, and so spelled alike in every client encoding
+    /// PostgreSQL supports.
+    pub fn is_ascii(&self) -> bool {
+        !self.non_ascii
+    }
+
     /// Whether one of the names may appear in `sql`: `false` only when none occurs
     /// in it as a substring, ignoring ASCII case. Text in which a name does not occur
     /// cannot name it, however its strings, comments and quotes are read: an unquoted
@@ -393,9 +404,10 @@ impl NameSet {
     /// `true`), and PostgreSQL's truncation of long identifiers only shortens a word
     /// that holds the name. The exception is an identifier with Unicode escapes
     /// (`U&"\0063ustomers"`), which needs a `&`: text with one always answers `true`.
-    /// In other client encodings, bytes that look like ASCII inside multibyte
-    /// characters are not ASCII to the server, which only makes this answer `true`
-    /// more often.
+    /// In client encodings other than UTF-8, bytes that look like ASCII inside
+    /// multibyte characters are not ASCII to the server, which only makes this answer
+    /// `true` more often; but a non-ASCII name is written in other bytes there, which
+    /// the caller must allow for (see [`NameSet::is_ascii`]).
     pub fn may_appear_in(&self, sql: &[u8]) -> bool {
         let [found] = may_appear([self], sql);
         found
@@ -524,11 +536,12 @@ impl FromIterator<String> for NameSet {
             let bit = Self::bit(bytes.len(), bytes.first().copied(), bytes.last().copied());
             set.bloom[bit / 64] |= 1 << (bit % 64);
             set.may_hide |= bytes.is_empty() || bytes.contains(&b'"');
+            set.non_ascii |= !bytes.is_ascii();
             if set.by_first_byte.is_empty() {
                 set.by_first_byte = vec![Vec::new(); 256];
             }
             let lower: Box<[u8]> = bytes.to_ascii_lowercase().into();
-            let first = usize::from(lower.first().copied().unwrap_or(0));
+            let bucket = usize::from(lower.first().copied().unwrap_or(0));
             if let Some(&first) = lower.first() {
                 for byte in [first, first.to_ascii_uppercase()] {
                     set.first_bytes[usize::from(byte >> 6)] |= 1 << (byte & 63);
@@ -549,7 +562,7 @@ impl FromIterator<String> for NameSet {
                 }
             }
             if set.names.insert(name) {
-                set.by_first_byte[first].push(lower);
+                set.by_first_byte[bucket].push(lower);
             }
         }
         set

@@ -120,6 +120,8 @@ CREATE VIEW public.v_upper AS SELECT id, upper(email) AS shout FROM customers;
 CREATE VIEW public.v_on_v AS SELECT shout FROM v_upper;
 CREATE TABLE public.\"Vip\" (id int, \"Phone\" text);
 INSERT INTO \"Vip\" VALUES (1, '13566667777');
+CREATE TABLE public.clientè (id int PRIMARY KEY, phone text);
+INSERT INTO clientè VALUES (1, '13912340000');
 -- Plain tables that copies of protected values must not reach.
 CREATE TABLE public.sink_support (x text);
 INSERT INTO sink_support VALUES ('seed');
@@ -150,6 +152,9 @@ tables:
   public.Vip:
     columns:
       Phone: { level: L3, mask: cn_mobile, access: { full: allow } }
+  public.clientè:
+    columns:
+      phone: { level: L3, mask: cn_mobile, access: { full: allow } }
 ";
 
 const FULL: &str = "rt_full";
@@ -1977,4 +1982,61 @@ async fn a_portal_described_by_the_client_right_before_execute_is_still_checked(
     // The session goes on.
     let again = run(&mut raw, "SELECT id FROM customers WHERE id = 1");
     assert!(again.iter().any(|m| m.tag == b'D'), "{again:?}");
+}
+
+/// A client whose `client_encoding` is not UTF-8 writes a non-ASCII table name in other
+/// bytes than the catalog's UTF-8: pgveil cannot see that name, so for such a session it
+/// analyses every statement and refuses the ones it cannot read.
+#[tokio::test]
+async fn a_non_ascii_table_name_sent_in_another_client_encoding_is_not_missed() {
+    const HIDDEN_PHONE: &str = "13912340000";
+    let proxy = proxy();
+    let mut raw = RawClient::login(proxy.port, GUEST, "latin1 client");
+    let query = |raw: &mut RawClient, sql: &[u8]| {
+        let mut body = sql.to_vec();
+        body.push(0);
+        raw.send(&frame(b'Q', &body));
+        raw.read_until(b'Z')
+    };
+    let set = query(&mut raw, b"SET client_encoding = 'LATIN1'");
+    assert!(!set.iter().any(|m| m.tag == b'E'), "{set:?}");
+    // "clientè" in LATIN1: è is the one byte 0xE8 (0xC3 0xA8 in UTF-8).
+    for sql in [
+        &b"SELECT phone || '' FROM client\xe8 WHERE id = 1"[..],
+        b"SELECT upper(phone), substr(phone, 4) FROM public.client\xe8",
+        b"SELECT phone FROM client\xe8 WHERE id = 1",
+    ] {
+        let messages = query(&mut raw, sql);
+        let shown = String::from_utf8_lossy(sql).into_owned();
+        assert!(
+            !messages.iter().any(|m| m.tag == b'D'),
+            "{shown}: {messages:?}"
+        );
+        for message in &messages {
+            let body = String::from_utf8_lossy(&message.body);
+            assert!(
+                !body.contains(HIDDEN_PHONE) && !body.contains("12340000"),
+                "{shown}: plaintext in {message:?}"
+            );
+        }
+        let error = messages.iter().find(|m| m.tag == b'E').expect("a refusal");
+        assert_eq!(
+            error.field(b'C').as_deref(),
+            Some("42501"),
+            "{shown}: {messages:?}"
+        );
+        assert!(
+            error.field(b'M').is_some_and(|m| m.starts_with("pgveil:")),
+            "{shown}: {messages:?}"
+        );
+    }
+    // The session goes on: ASCII statements are analysed and masked as ever.
+    let masked = query(&mut raw, b"SELECT phone FROM customers WHERE id = 1");
+    let row = masked.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(
+        row.body.windows(11).any(|w| w == b"138****5678"),
+        "{masked:?}"
+    );
+    let computed = query(&mut raw, b"SELECT phone || '' FROM customers WHERE id = 1");
+    assert!(!computed.iter().any(|m| m.tag == b'D'), "{computed:?}");
 }

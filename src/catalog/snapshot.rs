@@ -72,6 +72,17 @@ pub struct CatalogSnapshot {
     pub column_types: HashMap<ColumnId, String>,
 }
 
+/// Whether a `client_encoding` name (as PostgreSQL reports it, or any spelling it
+/// accepts) is UTF-8.
+fn is_utf8_encoding(encoding: &str) -> bool {
+    let key: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(key.as_str(), "utf8" | "unicode")
+}
+
 /// What the catalog says about one result column.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup<'a> {
@@ -125,6 +136,20 @@ impl CatalogSnapshot {
     /// a lexical test that may say yes for a same-named relation in another schema).
     pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
         crate::sqltext::names_any(sql, &self.protected_names)
+    }
+
+    /// Whether a client whose `client_encoding` is `encoding` may name a relation with
+    /// protected (`encrypted`: encrypted) columns in bytes the name tests of this
+    /// snapshot do not recognise: names are compared in UTF-8, as the catalog login
+    /// reads them, and a client in another encoding (SQL_ASCII included) writes a
+    /// non-ASCII name in other bytes. Its statements must then be analysed whatever
+    /// names they seem to hold.
+    pub fn names_hidden_in(&self, encoding: &str, encrypted: bool) -> bool {
+        let names = match encrypted {
+            true => &self.encrypted_names,
+            false => &self.protected_names,
+        };
+        !names.is_ascii() && !is_utf8_encoding(encoding)
     }
 
     /// [`Self::names_protected_relation`] and whether the text also holds one of `words`,

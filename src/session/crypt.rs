@@ -200,6 +200,13 @@ fn seal(
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
 }
 
+/// Whether `sql`, sent in `client_encoding`, may name a relation with encrypted
+/// columns.
+fn names_encrypted_relation(protection: &Protection, sql: &[u8], client_encoding: &str) -> bool {
+    protection.catalog.names_encrypted_relation(sql)
+        || protection.catalog.names_hidden_in(client_encoding, true)
+}
+
 fn seal_every(
     protection: &Protection,
     column: ColumnId,
@@ -211,9 +218,14 @@ fn seal_every(
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
 }
 
-/// Analyses `sql`; `None` when it names no relation with encrypted columns.
-fn analysis_of(protection: &Protection, sql: &[u8]) -> Result<Option<Analysis>, Box<WriteRefusal>> {
-    if !protection.catalog.names_encrypted_relation(sql) {
+/// Analyses `sql`; `None` when it names no relation with encrypted columns (as far as
+/// can be told in `client_encoding`: see `CatalogSnapshot::names_hidden_in`).
+fn analysis_of(
+    protection: &Protection,
+    sql: &[u8],
+    client_encoding: &str,
+) -> Result<Option<Analysis>, Box<WriteRefusal>> {
+    if !names_encrypted_relation(protection, sql, client_encoding) {
         return Ok(None);
     }
     let Ok(text) = std::str::from_utf8(sql) else {
@@ -386,6 +398,11 @@ impl SessionCrypto {
         self.copy.is_some()
     }
 
+    /// The session's `client_encoding`, as the server last reported it.
+    pub fn client_encoding(&self) -> &str {
+        &self.client_encoding
+    }
+
     /// Follows ParameterStatus messages for `client_encoding`.
     pub fn client_encoding_reported(&mut self, encoding: &str) {
         self.client_encoding = encoding.to_string();
@@ -476,7 +493,7 @@ impl SessionCrypto {
         protection: &Protection,
         sql: &[u8],
     ) -> Result<Option<Analysis>, Box<WriteRefusal>> {
-        let analysis = analysis_of(protection, sql)?;
+        let analysis = analysis_of(protection, sql, &self.client_encoding)?;
         if analysis.is_some() && !ascii_safe_encoding(&self.client_encoding) {
             return Err(refusal(
                 "0A000",
@@ -692,7 +709,9 @@ impl SessionCrypto {
             // analysed at its PREPARE, which refuses encrypted parameters.)
             _ => {
                 let prepared = state.statement(names.statement);
-                if prepared.is_some_and(|s| protection.catalog.names_encrypted_relation(&s.query)) {
+                if prepared.is_some_and(|s| {
+                    names_encrypted_relation(protection, &s.query, &self.client_encoding)
+                }) {
                     return Ok(ClientAction::Refuse(refusal(
                         "0A000",
                         DenyReason::WriteRefused,

@@ -34,7 +34,7 @@ use crate::protect::pgtypes::is_text_like;
 use crate::sql::lineage::{
     field_sources, FieldSources, OutputColumn, Sources, StatementKind, StatementLineage,
 };
-use crate::sqltext::{may_modify_data, runs_another_statement, NameSet};
+use crate::sqltext::{may_modify_data, runs_another_statement, Lexeme, NameSet};
 use crate::wire::bind::{encode_bind, encode_parse};
 use crate::wire::copy_out::{CopyOutError, CopyOutFormat, CopyOutRewriter, FieldChange};
 use crate::wire::frame::encode_frame;
@@ -589,9 +589,12 @@ impl ReadGuard {
         self.finished.take()
     }
 
-    /// Whether `sql` names a relation with protected columns.
+    /// Whether `sql` may name a relation with protected columns (in the session's
+    /// `client_encoding`).
     pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
-        self.protection.catalog.names_protected_relation(sql)
+        let catalog = &self.protection.catalog;
+        catalog.names_protected_relation(sql)
+            || catalog.names_hidden_in(self.crypto.client_encoding(), false)
     }
 
     /// Statements touching protected columns must be refused: the audit log cannot be
@@ -792,15 +795,16 @@ impl ReadGuard {
                 .record(tag, body, state.executions_sent(), self.audit.is_some())?;
         if matches!(tag, b'Q' | b'E' | b'F') && self.audit_blocked() {
             let catalog = &self.protection.catalog;
+            let encoding = self.crypto.client_encoding();
             let query = body.strip_suffix(b"\0").unwrap_or(body);
             let (allowed, statement) = match tag {
-                b'Q' => (runs_unaudited(catalog, query), query.to_vec()),
+                b'Q' => (runs_unaudited(catalog, query, encoding), query.to_vec()),
                 b'E' => match self
                     .sent
                     .portal_statement(execute_portal(body)?)
                     .and_then(|sent| sent.text.as_deref())
                 {
-                    Some(text) => (runs_unaudited(catalog, text), text.to_vec()),
+                    Some(text) => (runs_unaudited(catalog, text, encoding), text.to_vec()),
                     None => (false, Vec::new()),
                 },
                 // A function call may do anything.
@@ -970,10 +974,15 @@ impl ReadGuard {
         };
         // The hot path: one lexical pass; statements naming no protected relation and
         // no cursor or prepared statement are not parsed.
-        let (names_protected, names_cursor) = self
+        let (mut names_protected, names_cursor) = self
             .protection
             .catalog
             .names_protected_relation_or(text, &CURSOR_WORD_SET);
+        // A non-ASCII relation name sent in another encoding is not seen as such.
+        names_protected |= self
+            .protection
+            .catalog
+            .names_hidden_in(self.crypto.client_encoding(), false);
         if !names_protected && !names_cursor {
             return Ok(None);
         }
@@ -2597,8 +2606,16 @@ fn source_table(policy: &crate::policy::Policy, source: &ColumnSource) -> String
 /// protected columns, and pgveil can read it to its end without doubt (no backslash, no
 /// `U&"…"` name). A lexical test that errs towards no. What such a statement reads of
 /// protected columns through a view or a cursor is refused at its result.
-fn runs_unaudited(catalog: &crate::catalog::snapshot::CatalogSnapshot, sql: &[u8]) -> bool {
-    if sql.contains(&b'\\') || catalog.names_protected_relation(sql) {
+fn runs_unaudited(
+    catalog: &crate::catalog::snapshot::CatalogSnapshot,
+    sql: &[u8],
+    client_encoding: &str,
+) -> bool {
+    if sql.contains(&b'\\')
+        || catalog.names_protected_relation(sql)
+        || catalog.names_hidden_in(client_encoding, false)
+        || crate::sqltext::lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::Unreadable)
+    {
         return false;
     }
     crate::sqltext::split_statements(sql)
