@@ -13,7 +13,8 @@
 #   SCALE     pgbench -i scale factor                     (default 10)
 #   CLIENTS   space-separated client counts               (default "1 8")
 #   MODES     space-separated pgbench -M protocol modes   (default "simple prepared")
-#   ROUNDS    interleaved rounds per row; medians are shown (default 3)
+#   ROUNDS    interleaved rounds per row; medians are shown (default 4; even
+#             numbers balance the order of pgveil and pgveil+policy)
 #   POLICY_TARGET  the policy/no-policy TPS ratio to meet    (default 0.97)
 #   PGVEIL_WORKERS  pgveil --workers, both pgveils (default: pgveil's own default)
 #   PGVEIL_LOG      pgveil's log filter, both pgveils          (default warn)
@@ -63,7 +64,7 @@ DURATION=${DURATION:-15}
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple prepared"}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-4}
 POLICY_TARGET=${POLICY_TARGET:-0.97}
 
 # shellcheck source=benches/lib.sh
@@ -291,15 +292,28 @@ run_one() { # target mode clients
     fi
 }
 
-# Rounds interleave the targets, rotating which goes first, so drift in the machine's
-# load (other tenants, thermal) hits all four alike; the table shows medians.
+# Rounds interleave the targets, rotating which goes first every two rounds, so drift
+# in the machine's load (other tenants, thermal) hits all four alike; the table shows
+# medians. The second round of each two swaps pgveil and pgveil+policy, whose ratio is
+# the target: over each pair of rounds neither follows the other more often.
 declare -A TPS_RUNS LAT_RUNS
 count=${#TARGETS[@]}
 for round in $(seq 1 "$ROUNDS"); do
+    order=()
+    for i in $(seq 0 $(( count - 1 ))); do
+        target=${TARGETS[$(( (i + (round - 1) / 2) % count ))]}
+        if (( round % 2 == 0 )); then
+            case $target in
+                pgveil) target=pgveil+policy ;;
+                pgveil+policy) target=pgveil ;;
+            esac
+        fi
+        order+=("$target")
+    done
     for mode in $MODES; do
         for c in $CLIENTS; do
-            for i in $(seq 0 $(( count - 1 ))); do
-                run_one "${TARGETS[$(( (i + round - 1) % count ))]}" "$mode" "$c"
+            for target in "${order[@]}"; do
+                run_one "$target" "$mode" "$c"
             done
         done
     done
