@@ -382,10 +382,6 @@ impl NameSet {
         self.names.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &str> {
         self.names.iter().map(String::as_str)
     }

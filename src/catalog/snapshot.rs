@@ -23,7 +23,7 @@ use super::rules;
 use super::CatalogError;
 use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
-use crate::sql::encryption::{Content, EncryptedRelation, RelationColumn};
+use crate::sql::encryption::{is_utf8_encoding, Content, EncryptedRelation, RelationColumn};
 use crate::sql::lineage::{ProtectedRelation, RelationColumn as LineageColumn};
 use crate::sqltext::NameSet;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -70,17 +70,6 @@ pub struct CatalogSnapshot {
     pub missing: Vec<MissingTable>,
     /// Column types of protected columns: `format_type` text, for `policy check`.
     pub column_types: HashMap<ColumnId, String>,
-}
-
-/// Whether a `client_encoding` name (as PostgreSQL reports it, or any spelling it
-/// accepts) is UTF-8.
-fn is_utf8_encoding(encoding: &str) -> bool {
-    let key: String = encoding
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    matches!(key.as_str(), "utf8" | "unicode")
 }
 
 /// What the catalog says about one result column.

@@ -2050,13 +2050,8 @@ fn copy_format(
 /// ASCII. Names are compared as PostgreSQL does: letters and digits only, any case. An
 /// unknown name fails the statement at the server.
 pub fn ascii_safe_encoding(name: &str) -> bool {
-    let key: String = name
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
     !matches!(
-        key.as_str(),
+        encoding_key(name).as_str(),
         "sjis"
             | "shiftjis"
             | "mskanji"
@@ -2075,6 +2070,19 @@ pub fn ascii_safe_encoding(name: &str) -> bool {
             | "windows949"
             | "johab"
     )
+}
+
+/// Whether the encoding `name` (compared as in [`ascii_safe_encoding`]) is UTF-8.
+pub fn is_utf8_encoding(name: &str) -> bool {
+    matches!(encoding_key(name).as_str(), "utf8" | "unicode")
+}
+
+/// An encoding name as PostgreSQL compares it: its letters and digits, lower-cased.
+fn encoding_key(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// Collects identifiers outside nested queries, and the nested queries themselves.
