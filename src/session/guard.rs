@@ -1588,18 +1588,13 @@ impl ReadGuard {
             return Ok(());
         };
         // A bound portal whose statement pgveil does not know (made by SQL PREPARE, or
-        // forgotten after one) is treated as if it might run another.
-        let runs_another = match &found.statement {
+        // forgotten after one) is treated as if it might run another. Its text is
+        // scanned only when something ran between Bind and this Execute.
+        let runs_another = || match &found.statement {
             Some(statement) => runs_another_statement(&statement.query),
             None => found.from_bind,
         };
-        // Only read when a rule returns protected rows (see `plan`).
-        let modifies = !self.protection.catalog.reading_rule_sources().is_empty()
-            && found
-                .statement
-                .as_ref()
-                .is_none_or(|statement| may_modify_data(&statement.query));
-        if runs_another && !found.executed && *sent_after != found.bound_after {
+        if !found.executed && *sent_after != found.bound_after && runs_another() {
             // SQL FETCH and EXECUTE find their cursor or statement only when they run;
             // whatever ran since Bind may have replaced it, so the description taken
             // at Bind says nothing about the rows.
@@ -1629,6 +1624,12 @@ impl ReadGuard {
                 return Ok(());
             }
         }
+        // Only read when a rule returns protected rows (see `plan`).
+        let modifies = !self.protection.catalog.reading_rule_sources().is_empty()
+            && found
+                .statement
+                .as_ref()
+                .is_none_or(|statement| may_modify_data(&statement.query));
         let (computed, row_key) = self.computed_now(state);
         // Only a description of the portal itself is trusted: the statement's was taken
         // when it was prepared, and what it reads may have changed since.
@@ -2674,8 +2675,17 @@ fn command_rows(tag: &[u8]) -> Option<u64> {
     ) {
         return None;
     }
+    // The last word, in ASCII digits (this runs at the end of every statement).
     let count = tag.rsplit(|&b| b == b' ').next()?;
-    std::str::from_utf8(count).ok()?.parse().ok()
+    if count.is_empty() {
+        return None;
+    }
+    count.iter().try_fold(0u64, |rows, &digit| {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        rows.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
 }
 
 /// A request the server is sure to answer with an error, in place of a refused one:
@@ -2806,4 +2816,38 @@ fn transform_field(
     } else {
         FieldChange::Keep
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_rows_reads_the_count_of_row_commands_only() {
+        assert_eq!(command_rows(b"SELECT 3"), Some(3));
+        assert_eq!(command_rows(b"INSERT 0 5"), Some(5));
+        assert_eq!(command_rows(b"COPY 18446744073709551615"), Some(u64::MAX));
+        assert_eq!(command_rows(b"FETCH 0"), Some(0));
+        // Not a count, or too large for one.
+        assert_eq!(command_rows(b"COPY 18446744073709551616"), None);
+        assert_eq!(command_rows(b"SELECT 3x"), None);
+        assert_eq!(command_rows(b"SELECT -3"), None);
+        assert_eq!(command_rows(b"SELECT "), None);
+        assert_eq!(command_rows(b"SELECT"), None);
+        // Commands that count nothing.
+        assert_eq!(command_rows(b"CREATE TABLE"), None);
+        assert_eq!(command_rows(b"BEGIN"), None);
+    }
+
+    #[test]
+    fn a_statement_without_a_count_in_its_tag_counts_the_rows_sent() {
+        assert_eq!(statement_ended(b'C', b"SET\0", 7), Some((Outcome::Ok, 7)));
+        assert_eq!(
+            statement_ended(b'C', b"UPDATE 2\0", 7),
+            Some((Outcome::Ok, 2))
+        );
+        assert_eq!(statement_ended(b's', b"", 4), Some((Outcome::Ok, 4)));
+        assert_eq!(statement_ended(b'E', b"", 1), Some((Outcome::Error, 1)));
+        assert_eq!(statement_ended(b'D', b"", 1), None);
+    }
 }
