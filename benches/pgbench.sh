@@ -46,7 +46,11 @@
 #   * for every mode x clients runs `pgbench -S -n` against direct, pgbouncer,
 #     pgveil, pgveil+policy in ROUNDS rounds (the one going first rotates) and
 #     prints a markdown table of median TPS, average latency and pgveil's ratios,
-#     policy/no-policy among them.
+#     policy/no-policy among them;
+#   * reads each pgveil's CPU time (/proc/PID/stat) around its runs and prints its
+#     median CPU per transaction, with and without the policy, and what the
+#     difference costs a CPU-bound machine: a figure that, unlike TPS, does not
+#     move by several percent from run to run on a shared machine.
 # Everything it started is stopped, and the temp dir removed, on exit —
 # including errors and Ctrl-C. A failed run is reported on stderr and shown
 # as FAIL in the table; the other runs continue.
@@ -266,22 +270,40 @@ declare -A PORT_OF=([direct]=$PG_PORT [pgbouncer]=$BOUNCER_PORT [pgveil]=$VEIL_P
 declare -A PID_OF=([pgbouncer]=$PGBOUNCER_PID [pgveil]=$PGVEIL_PID [pgveil+policy]=$POLICY_PID)
 FAILURES=()
 
+# CPU time (user + system, all threads) a process has used, in clock ticks; empty
+# where /proc cannot tell. Fields after "pid (comm) ": utime is the 12th, stime the 13th.
+CLOCK_TICKS=$(getconf CLK_TCK 2>/dev/null || echo 100)
+cpu_ticks() { # pid
+    [[ -r /proc/$1/stat ]] || return 0
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
 run_one() { # target mode clients
-    local target=$1 mode=$2 c=$3 out tps lat
+    local target=$1 mode=$2 c=$3 out tps lat txs cpu_before cpu_after
     local j=$(( c < 2 ? c : 2 ))
     local key="$mode/$c/$target"
+    local pid=${PID_OF[$target]:-}
     log "pgbench -S -M $mode -c $c -j $j -T $DURATION -> $target"
+    cpu_before="" cpu_after=""
+    [[ $target != pgveil* ]] || cpu_before=$(cpu_ticks "$pid")
     if out=$("$PGBENCH" "${CONN[@]}" -p "${PORT_OF[$target]}" -S -n -M "$mode" \
         -c "$c" -j "$j" -T "$DURATION" postgres 2>&1); then
         tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$out" | head -n1)
         lat=$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' <<<"$out" | head -n1)
+        txs=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | head -n1)
     else
-        tps="" lat=""
+        tps="" lat="" txs=""
+    fi
+    [[ -z $cpu_before ]] || cpu_after=$(cpu_ticks "$pid")
+    if [[ -n $cpu_before && -n $cpu_after && -n $txs && $txs != 0 ]]; then
+        # pgveil's own CPU per transaction, in microseconds: far steadier than TPS on a
+        # shared machine, and what a policy adds to it is what it costs.
+        CPU_RUNS[$key]+="$(awk -v a="$cpu_before" -v b="$cpu_after" -v hz="$CLOCK_TICKS" -v n="$txs" \
+            'BEGIN { printf "%.2f", (b - a) / hz * 1e6 / n }') "
     fi
     if [[ -z $tps || -z $lat ]]; then
         printf -- '---- pgbench against %s failed (mode %s, %s clients); output:\n%s\n----\n' \
             "$target" "$mode" "$c" "$out" >&2
-        local pid=${PID_OF[$target]:-}
         if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
             log "$target (pid $pid) is no longer running"
         fi
@@ -296,7 +318,7 @@ run_one() { # target mode clients
 # in the machine's load (other tenants, thermal) hits all four alike; the table shows
 # medians. The second round of each two swaps pgveil and pgveil+policy, whose ratio is
 # the target: over each pair of rounds neither follows the other more often.
-declare -A TPS_RUNS LAT_RUNS
+declare -A TPS_RUNS LAT_RUNS CPU_RUNS
 count=${#TARGETS[@]}
 for round in $(seq 1 "$ROUNDS"); do
     order=()
@@ -361,6 +383,30 @@ done
         done
     done
     echo
+    echo "pgveil's own CPU time per transaction (user + system, all threads, from /proc; medians):"
+    echo
+    echo "| mode | clients | pgveil µs/tx | pgveil+policy µs/tx | added by the policy µs/tx | CPU-bound estimate of policy/no-policy |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            v=$mode/$c/pgveil p=$mode/$c/pgveil+policy
+            # shellcheck disable=SC2086
+            cpu_plain=$(median ${CPU_RUNS[$v]:-}) cpu_policy=$(median ${CPU_RUNS[$p]:-})
+            if [[ $cpu_plain == FAIL || $cpu_policy == FAIL || ${TPS[$v]} == FAIL ]]; then
+                printf '| %s | %s | n/a | n/a | n/a | n/a |\n' "$mode" "$c"
+                continue
+            fi
+            printf '| %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" "$(fmt 2 "$cpu_plain")" "$(fmt 2 "$cpu_policy")" \
+                "$(awk -v a="$cpu_plain" -v b="$cpu_policy" 'BEGIN { printf "%+.2f", b - a }')" \
+                "$(awk -v a="$cpu_plain" -v b="$cpu_policy" -v tps="${TPS[$v]}" -v cores="$(nproc)" \
+                    'BEGIN { printf "%.3f", 1 / (1 + (b - a) / 1e6 * tps / cores) }')"
+        done
+    done
+    echo
+    echo "The estimate is what the added CPU costs when the machine's $(nproc) CPUs are the bottleneck"
+    echo "(TPS = CPUs / CPU time per transaction of everything: pgbench, pgveil, PostgreSQL):"
+    echo "1 / (1 + added × pgveil TPS / CPUs). Unlike TPS it does not move with the machine's speed."
+    echo
     echo "Ratios are TPS ratios of the medians (higher is better for pgveil); policy/no-policy is"
     echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. The paired column is the"
     echo "median of that ratio taken in each round, where the two ran one after the other:"
@@ -369,10 +415,11 @@ done
     echo
     for mode in $MODES; do
         for c in $CLIENTS; do
-            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s| paired %s\n' "$mode" "$c" \
+            printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s| paired %s| pgveil µs/tx %s| pgveil+policy µs/tx %s\n' "$mode" "$c" \
                 "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" \
                 "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}" \
-                "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}")"
+                "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}") " \
+                "${CPU_RUNS[$mode/$c/pgveil]:-}" "${CPU_RUNS[$mode/$c/pgveil+policy]:-}"
         done
     done
 }
