@@ -266,8 +266,24 @@ async fn a_role_matrix_leaves_exactly_the_expected_records_and_no_value() {
     assert_eq!(sessions.len(), 3);
 
     let text = std::fs::read_to_string(&path).unwrap();
-    for value in [PHONE, ID_CARD, NAME, "138****5678", "5678", "1234"] {
+    for value in [PHONE, ID_CARD, NAME, "138****5678"] {
         assert!(!text.contains(value), "{value} in the audit log:\n{text}");
+    }
+    // Four-digit pieces of the values turn up by chance in a hash, a time stamp or a
+    // client port (1 run in 60 or so): those fields, which never hold values, are left
+    // out of this search.
+    let lines: Vec<&str> = text.lines().filter(|line| !line.is_empty()).collect();
+    assert_eq!(lines.len(), found.len(), "{text}");
+    for line in lines {
+        let mut record: Value = serde_json::from_str(line).unwrap();
+        let fields = record.as_object_mut().unwrap();
+        for random in ["hash", "prev_hash", "ts", "client", "session"] {
+            assert!(fields.remove(random).is_some(), "no {random} in {line}");
+        }
+        let rest = record.to_string();
+        for piece in ["5678", "1234"] {
+            assert!(!rest.contains(piece), "{piece} in an audit record: {line}");
+        }
     }
     assert!(!proxy.log().contains(PHONE) && !proxy.log().contains(ID_CARD));
 
