@@ -356,7 +356,7 @@ pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, boo
 /// hash, which is safe because it is built from the policy and the catalog only:
 /// client text is looked up, never inserted. Names are compared as bytes: a client
 /// whose `client_encoding` is not UTF-8 spells a non-ASCII name in other bytes (see
-/// [`NameSet::is_ascii`] and `CatalogSnapshot::names_hidden_in`).
+/// [`NameSet::is_ascii`] and the name tests of `CatalogSnapshot`).
 #[derive(Debug, Clone, Default)]
 pub struct NameSet {
     names: std::collections::HashSet<String, rustc_hash::FxBuildHasher>,

@@ -121,36 +121,37 @@ impl CatalogSnapshot {
         &self.rule_sources
     }
 
-    /// Whether statement text names a relation with protected columns (by name only:
-    /// a lexical test that may say yes for a same-named relation in another schema).
-    pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
-        crate::sqltext::names_any(sql, &self.protected_names)
-    }
-
-    /// Whether a client whose `client_encoding` is `encoding` may name a relation with
-    /// protected (`encrypted`: encrypted) columns in bytes the name tests of this
-    /// snapshot do not recognise: names are compared in UTF-8, as the catalog login
-    /// reads them, and a client in another encoding (SQL_ASCII included) writes a
-    /// non-ASCII name in other bytes. Its statements must then be analysed whatever
-    /// names they seem to hold.
-    pub fn names_hidden_in(&self, encoding: &str, encrypted: bool) -> bool {
-        let names = match encrypted {
-            true => &self.encrypted_names,
-            false => &self.protected_names,
-        };
-        !names.is_ascii() && !is_utf8_encoding(encoding)
+    /// Whether statement text, sent by a client whose `client_encoding` is `encoding`,
+    /// may name a relation with protected columns (by name only: a lexical test that
+    /// may say yes for a same-named relation in another schema, and says yes for
+    /// every text when the names cannot be recognised in that encoding: see
+    /// `names_hidden_in`).
+    pub fn names_protected_relation(&self, sql: &[u8], encoding: &str) -> bool {
+        names_hidden_in(&self.protected_names, encoding)
+            || crate::sqltext::names_any(sql, &self.protected_names)
     }
 
     /// [`Self::names_protected_relation`] and whether the text also holds one of `words`,
     /// in one lexical pass.
-    pub fn names_protected_relation_or(&self, sql: &[u8], words: &NameSet) -> (bool, bool) {
-        crate::sqltext::names_either(sql, &self.protected_names, words)
+    pub fn names_protected_relation_or(
+        &self,
+        sql: &[u8],
+        words: &NameSet,
+        encoding: &str,
+    ) -> (bool, bool) {
+        let (names_protected, names_word) =
+            crate::sqltext::names_either(sql, &self.protected_names, words);
+        (
+            names_protected || names_hidden_in(&self.protected_names, encoding),
+            names_word,
+        )
     }
 
     /// Whether statement text names a relation with encrypted columns (lexically, like
     /// [`Self::names_protected_relation`]).
-    pub fn names_encrypted_relation(&self, sql: &[u8]) -> bool {
-        crate::sqltext::names_any(sql, &self.encrypted_names)
+    pub fn names_encrypted_relation(&self, sql: &[u8], encoding: &str) -> bool {
+        names_hidden_in(&self.encrypted_names, encoding)
+            || crate::sqltext::names_any(sql, &self.encrypted_names)
     }
 
     pub fn encrypted_relations(&self) -> &HashMap<String, Vec<Arc<EncryptedRelation>>> {
@@ -442,6 +443,15 @@ impl CatalogSnapshot {
         snapshot.encrypted_names = snapshot.encrypted_relations.keys().cloned().collect();
         Ok(snapshot)
     }
+}
+
+/// Whether a client whose `client_encoding` is `encoding` may write one of `names` in
+/// bytes the name tests do not recognise: names are compared in UTF-8, as the catalog
+/// login reads them, and a client in another encoding (SQL_ASCII included) writes a
+/// non-ASCII name in other bytes. Its statements must then be analysed whatever names
+/// they seem to hold. (ASCII names first: most sets are, and the test is then free.)
+fn names_hidden_in(names: &NameSet, encoding: &str) -> bool {
+    !names.is_ascii() && !is_utf8_encoding(encoding)
 }
 
 /// What a column of a relation holds, given the sources of its protected columns.

@@ -200,13 +200,6 @@ fn seal(
         .map_err(|error| value_refusal(protection, column, error, "XX000"))
 }
 
-/// Whether `sql`, sent in `client_encoding`, may name a relation with encrypted
-/// columns.
-fn names_encrypted_relation(protection: &Protection, sql: &[u8], client_encoding: &str) -> bool {
-    protection.catalog.names_encrypted_relation(sql)
-        || protection.catalog.names_hidden_in(client_encoding, true)
-}
-
 fn seal_every(
     protection: &Protection,
     column: ColumnId,
@@ -219,13 +212,16 @@ fn seal_every(
 }
 
 /// Analyses `sql`; `None` when it names no relation with encrypted columns (as far as
-/// can be told in `client_encoding`: see `CatalogSnapshot::names_hidden_in`).
+/// can be told in `client_encoding`: see `CatalogSnapshot::names_encrypted_relation`).
 fn analysis_of(
     protection: &Protection,
     sql: &[u8],
     client_encoding: &str,
 ) -> Result<Option<Analysis>, Box<WriteRefusal>> {
-    if !names_encrypted_relation(protection, sql, client_encoding) {
+    if !protection
+        .catalog
+        .names_encrypted_relation(sql, client_encoding)
+    {
         return Ok(None);
     }
     let Ok(text) = std::str::from_utf8(sql) else {
@@ -710,7 +706,9 @@ impl SessionCrypto {
             _ => {
                 let prepared = state.statement(names.statement);
                 if prepared.is_some_and(|s| {
-                    names_encrypted_relation(protection, &s.query, &self.client_encoding)
+                    protection
+                        .catalog
+                        .names_encrypted_relation(&s.query, &self.client_encoding)
                 }) {
                     return Ok(ClientAction::Refuse(refusal(
                         "0A000",

@@ -592,9 +592,9 @@ impl ReadGuard {
     /// Whether `sql` may name a relation with protected columns (in the session's
     /// `client_encoding`).
     pub fn names_protected_relation(&self, sql: &[u8]) -> bool {
-        let catalog = &self.protection.catalog;
-        catalog.names_protected_relation(sql)
-            || catalog.names_hidden_in(self.crypto.client_encoding(), false)
+        self.protection
+            .catalog
+            .names_protected_relation(sql, self.crypto.client_encoding())
     }
 
     /// Statements touching protected columns must be refused: the audit log cannot be
@@ -974,15 +974,11 @@ impl ReadGuard {
         };
         // The hot path: one lexical pass; statements naming no protected relation and
         // no cursor or prepared statement are not parsed.
-        let (mut names_protected, names_cursor) = self
-            .protection
-            .catalog
-            .names_protected_relation_or(text, &CURSOR_WORD_SET);
-        // A non-ASCII relation name sent in another encoding is not seen as such.
-        names_protected |= self
-            .protection
-            .catalog
-            .names_hidden_in(self.crypto.client_encoding(), false);
+        let (names_protected, names_cursor) = self.protection.catalog.names_protected_relation_or(
+            text,
+            &CURSOR_WORD_SET,
+            self.crypto.client_encoding(),
+        );
         if !names_protected && !names_cursor {
             return Ok(None);
         }
@@ -2613,8 +2609,7 @@ fn runs_unaudited(
     client_encoding: &str,
 ) -> bool {
     if sql.contains(&b'\\')
-        || catalog.names_protected_relation(sql)
-        || catalog.names_hidden_in(client_encoding, false)
+        || catalog.names_protected_relation(sql, client_encoding)
         || crate::sqltext::lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::Unreadable)
     {
         return false;
