@@ -49,8 +49,9 @@
 #     policy/no-policy among them;
 #   * reads each pgveil's CPU time (/proc/PID/stat) around its runs and prints its
 #     median CPU per transaction, with and without the policy, and what the
-#     difference costs a CPU-bound machine: a figure that, unlike TPS, does not
-#     move by several percent from run to run on a shared machine.
+#     difference would cost a CPU-bound machine. Single runs of it vary too (it
+#     rises when the machine is slow), and the estimate counts CPU only: cache and
+#     scheduling effects are not in it, so it is no substitute for the TPS ratio.
 # Everything it started is stopped, and the temp dir removed, on exit —
 # including errors and Ctrl-C. A failed run is reported on stderr and shown
 # as FAIL in the table; the other runs continue.
@@ -296,8 +297,8 @@ run_one() { # target mode clients
     fi
     [[ -z $cpu_before ]] || cpu_after=$(cpu_ticks "$pid")
     if [[ -n $cpu_before && -n $cpu_after && -n $txs && $txs != 0 ]]; then
-        # pgveil's own CPU per transaction, in microseconds: far steadier than TPS on a
-        # shared machine, and what a policy adds to it is what it costs.
+        # pgveil's own CPU per transaction, in microseconds: what a policy adds to it is
+        # the part of its cost that CPU time shows.
         CPU_RUNS[$key]+="$(awk -v a="$cpu_before" -v b="$cpu_after" -v hz="$CLOCK_TICKS" -v n="$txs" \
             'BEGIN { printf "%.2f", (b - a) / hz * 1e6 / n }') "
     fi
@@ -405,7 +406,8 @@ done
     echo
     echo "The estimate is what the added CPU costs when the machine's $(nproc) CPUs are the bottleneck"
     echo "(TPS = CPUs / CPU time per transaction of everything: pgbench, pgveil, PostgreSQL):"
-    echo "1 / (1 + added × pgveil TPS / CPUs). Unlike TPS it does not move with the machine's speed."
+    echo "1 / (1 + added × pgveil TPS / CPUs). It counts CPU time only (not cache or scheduling"
+    echo "effects), so the TPS ratio below remains the measure of the target."
     echo
     echo "Ratios are TPS ratios of the medians (higher is better for pgveil); policy/no-policy is"
     echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. The paired column is the"
