@@ -298,55 +298,99 @@ fn has_dollar_quote(sql: &[u8]) -> bool {
     sql.contains(&b'$') && lexemes(sql).any(|(lexeme, _)| lexeme == Lexeme::DollarQuoted)
 }
 
-/// [`names_any`] of two sets in one pass: whether `sql` names one of `first`, and one
-/// of `second`.
-pub fn names_either(sql: &[u8], first: &NameSet, second: &NameSet) -> (bool, bool) {
-    // Most statements of most applications mention no name of either set at all.
-    let [may_name_first, may_name_second] = may_appear([first, second], sql);
-    if !may_name_first && !may_name_second {
-        return (false, false);
-    }
-    // Backslashes and dollar quotes take the careful path of `names_any`.
-    if sql.contains(&b'\\') || has_dollar_quote(sql) {
-        return (names_any(sql, first), names_any(sql, second));
-    }
-    // Names are looked up as they are lexed, without allocating: this runs for every
-    // statement of a restricted role.
-    let found_first = std::cell::Cell::new(false);
-    let found_second = std::cell::Cell::new(false);
-    let lexemes = lex(sql, |word, quoted| {
-        if !quoted && word.is_ascii() {
-            if !found_first.get() && first.contains_unquoted(word) {
-                found_first.set(true);
+/// Words of statements that make, run or drop cursors and prepared statements: texts
+/// holding one are analysed even when they name no protected relation, so that FETCH
+/// and EXECUTE find what they run (see `CatalogSnapshot`'s name tests).
+pub const CURSOR_WORDS: [&str; 6] = ["declare", "fetch", "move", "prepare", "execute", "close"];
+
+/// Two [`NameSet`]s looked for in one pass over a text ([`NameSetPair::names_either`]),
+/// with the union of their anchors built once rather than for every text.
+#[derive(Debug, Clone, Default)]
+pub struct NameSetPair {
+    first: NameSet,
+    second: NameSet,
+    /// Both sets' anchors (see [`NameSet`]); none when both are empty.
+    anchor_pairs: Option<Box<PairBits>>,
+}
+
+impl NameSetPair {
+    pub fn new(first: NameSet, second: NameSet) -> Self {
+        let anchor_pairs = match (&first.anchor_pairs, &second.anchor_pairs) {
+            (Some(first), Some(second)) => {
+                let mut union = first.clone();
+                for (bits, more) in union.iter_mut().zip(second.iter()) {
+                    *bits |= more;
+                }
+                Some(union)
             }
-            if !found_second.get() && second.contains_unquoted(word) {
-                found_second.set(true);
-            }
-        } else {
-            let name = folded_name(word, quoted);
-            if !found_first.get() && first.contains(&name) {
-                found_first.set(true);
-            }
-            if !found_second.get() && second.contains(&name) {
-                found_second.set(true);
-            }
-        }
-        Lexeme::Other
-    });
-    for (lexeme, _) in lexemes {
-        if lexeme == Lexeme::Unreadable {
-            found_first.set(found_first.get() || !first.is_empty());
-            found_second.set(found_second.get() || !second.is_empty());
-        }
-        if found_first.get() && found_second.get() {
-            break;
+            (Some(only), None) | (None, Some(only)) => Some(only.clone()),
+            (None, None) => None,
+        };
+        NameSetPair {
+            first,
+            second,
+            anchor_pairs,
         }
     }
-    // An unreadable text names only the sets whose names occur in it (see `names_any`).
-    (
-        may_name_first && found_first.get(),
-        may_name_second && found_second.get(),
-    )
+
+    pub fn first(&self) -> &NameSet {
+        &self.first
+    }
+
+    /// [`names_any`] of both sets in one pass: whether `sql` names one of the first
+    /// set, and one of the second.
+    pub fn names_either(&self, sql: &[u8]) -> (bool, bool) {
+        let (first, second) = (&self.first, &self.second);
+        // Most statements of most applications mention no name of either set at all.
+        let [may_name_first, may_name_second] = match &self.anchor_pairs {
+            Some(union) => may_appear([first, second], union, sql),
+            None => [false, false],
+        };
+        if !may_name_first && !may_name_second {
+            return (false, false);
+        }
+        // Backslashes and dollar quotes take the careful path of `names_any`.
+        if sql.contains(&b'\\') || has_dollar_quote(sql) {
+            return (names_any(sql, first), names_any(sql, second));
+        }
+        // Names are looked up as they are lexed, without allocating: this runs for every
+        // statement of a restricted role.
+        let found_first = std::cell::Cell::new(false);
+        let found_second = std::cell::Cell::new(false);
+        let lexemes = lex(sql, |word, quoted| {
+            if !quoted && word.is_ascii() {
+                if !found_first.get() && first.contains_unquoted(word) {
+                    found_first.set(true);
+                }
+                if !found_second.get() && second.contains_unquoted(word) {
+                    found_second.set(true);
+                }
+            } else {
+                let name = folded_name(word, quoted);
+                if !found_first.get() && first.contains(&name) {
+                    found_first.set(true);
+                }
+                if !found_second.get() && second.contains(&name) {
+                    found_second.set(true);
+                }
+            }
+            Lexeme::Other
+        });
+        for (lexeme, _) in lexemes {
+            if lexeme == Lexeme::Unreadable {
+                found_first.set(found_first.get() || !first.is_empty());
+                found_second.set(found_second.get() || !second.is_empty());
+            }
+            if found_first.get() && found_second.get() {
+                break;
+            }
+        }
+        // An unreadable text names only the sets whose names occur in it (see `names_any`).
+        (
+            may_name_first && found_first.get(),
+            may_name_second && found_second.get(),
+        )
+    }
 }
 
 /// Names (folded as PostgreSQL folds identifiers: see [`names_any`]) for the lexical
@@ -362,14 +406,13 @@ pub struct NameSet {
     names: std::collections::HashSet<String, rustc_hash::FxBuildHasher>,
     /// 256 bits, one set for each name (see [`NameSet::bit`]).
     bloom: [u64; 4],
-    /// The names in ASCII lower case, by their first byte (256 lists, or none when
-    /// the set is empty), for [`NameSet::may_appear_in`].
-    by_first_byte: Vec<Vec<Box<[u8]>>>,
-    /// 256 bits: the first byte of each name, in either ASCII case.
-    first_bytes: [u64; 4],
-    /// 1024 bits: the first two bytes of each name, in either ASCII case (see
-    /// [`pair_bit`]).
-    first_pairs: [u64; 16],
+    /// 65536 bits, one for each ordered pair of bytes (empty when the set is): set for
+    /// both ASCII cases of each name's anchor, the pair of adjacent bytes in it that is
+    /// rarest in SQL (see [`anchor_of`]), for [`NameSet::may_appear_in`].
+    anchor_pairs: Option<Box<PairBits>>,
+    /// The names in ASCII lower case with the offset of their anchor in them, by the
+    /// anchor in lower case (see [`folded_pair`]).
+    by_anchor: rustc_hash::FxHashMap<u16, Vec<AnchoredName>>,
     /// A name may be named without occurring as it is: one holding a `"`, which a
     /// quoted identifier writes doubled (or the empty name, which occurs anywhere).
     may_hide: bool,
@@ -405,15 +448,30 @@ impl NameSet {
     /// `true` more often; but a non-ASCII name is written in other bytes there, which
     /// the caller must allow for (see [`NameSet::is_ascii`]).
     pub fn may_appear_in(&self, sql: &[u8]) -> bool {
-        let [found] = may_appear([self], sql);
-        found
+        match &self.anchor_pairs {
+            Some(anchor_pairs) => {
+                let [found] = may_appear([self], anchor_pairs, sql);
+                found
+            }
+            None => false,
+        }
     }
 
-    /// Whether one of the names starts `text`, whose first byte is `first`.
-    fn starts(&self, text: &[u8], first: u8) -> bool {
-        self.by_first_byte
-            .get(usize::from(first.to_ascii_lowercase()))
-            .is_some_and(|names| names.iter().any(|name| starts_with_folded(text, name)))
+    /// Whether one of the names occurs in `sql` with its anchor at `at` (followed by
+    /// `next`, or a zero byte at the end of the text), or may occur in it written
+    /// with Unicode escapes, which need the `&` that every set anchors too.
+    fn occurs_anchored_at(&self, sql: &[u8], at: usize, next: u8) -> bool {
+        if sql[at] == b'&' {
+            return !self.names.is_empty();
+        }
+        self.by_anchor
+            .get(&folded_pair(sql[at], next))
+            .is_some_and(|names| {
+                names.iter().any(|name| {
+                    at.checked_sub(name.anchor_offset)
+                        .is_some_and(|start| starts_with_folded(&sql[start..], &name.lower))
+                })
+            })
     }
 
     /// Whether `name`, already folded, is in the set.
@@ -456,62 +514,95 @@ impl NameSet {
     }
 }
 
-/// [`NameSet::may_appear_in`] for several sets, in one pass over `sql`.
-fn may_appear<const N: usize>(sets: [&NameSet; N], sql: &[u8]) -> [bool; N] {
+/// [`NameSet::may_appear_in`] for several sets, in one pass over `sql`; `union` holds
+/// the anchors of them all.
+fn may_appear<const N: usize>(sets: [&NameSet; N], union: &PairBits, sql: &[u8]) -> [bool; N] {
     let mut found = [false; N];
-    // The bytes a name of a set still to look for starts with.
-    let mut first_bytes = [0u64; 4];
-    let mut first_pairs = [0u64; 16];
     let mut looking = 0;
-    let escapes = sql.contains(&b'&');
     for (set, found) in sets.iter().zip(&mut found) {
         if set.names.is_empty() {
             continue;
         }
-        if set.may_hide || escapes {
+        if set.may_hide {
             *found = true;
             continue;
-        }
-        for (bits, set_bits) in first_bytes.iter_mut().zip(set.first_bytes) {
-            *bits |= set_bits;
-        }
-        for (bits, set_bits) in first_pairs.iter_mut().zip(set.first_pairs) {
-            *bits |= set_bits;
         }
         looking += 1;
     }
     if looking == 0 {
         return found;
     }
-    for (at, &byte) in sql.iter().enumerate() {
-        // Most places start no name: a bit for the byte there says so, or else one
-        // for it and the next.
-        if first_bytes[usize::from(byte >> 6)] & (1 << (byte & 63)) == 0 {
-            continue;
-        }
-        let rest = &sql[at..];
-        let bit = pair_bit(byte, rest.get(1).copied().unwrap_or(0));
-        if first_pairs[bit / 64] & (1 << (bit % 64)) == 0 {
-            continue;
-        }
+    // Most places hold no anchor: one bit for the pair of bytes there says so. The
+    // last byte is paired with a zero byte, which one-byte names allow.
+    let mut look_closer = |at: usize, next: u8| {
         for (set, found) in sets.iter().zip(&mut found) {
-            if !*found && set.starts(rest, byte) {
+            if !*found && set.occurs_anchored_at(sql, at, next) {
                 *found = true;
                 looking -= 1;
             }
         }
-        if looking == 0 {
-            break;
+        looking == 0
+    };
+    let anchored = |pair: u16| union[usize::from(pair >> 6)] & (1 << (pair & 63)) != 0;
+    let Some((&last, _)) = sql.split_last() else {
+        return found;
+    };
+    let mut pair = u16::from(sql[0]);
+    for (at, &next) in sql[1..].iter().enumerate() {
+        pair = pair << 8 | u16::from(next);
+        if anchored(pair) && look_closer(at, next) {
+            return found;
         }
+    }
+    if anchored(u16::from(last) << 8) {
+        look_closer(sql.len() - 1, 0);
     }
     found
 }
 
-/// The bit of a name's first two bytes in [`NameSet`]'s 1024: case is folded by
-/// setting bit 5, which maps both cases of a letter alike (and some other bytes
-/// together, which only costs a closer look).
-fn pair_bit(first: u8, second: u8) -> usize {
-    (usize::from(first | 0x20) * 37 + usize::from(second | 0x20)) % 1024
+/// A name of a [`NameSet`] in ASCII lower case, and where its anchor starts in it.
+#[derive(Debug, Clone)]
+struct AnchoredName {
+    anchor_offset: usize,
+    lower: Box<[u8]>,
+}
+
+/// 65536 bits, one for each ordered pair of bytes (see [`NameSet`]).
+type PairBits = [u64; 1024];
+
+/// Two bytes in ASCII lower case, as one number.
+fn folded_pair(first: u8, second: u8) -> u16 {
+    u16::from(first.to_ascii_lowercase()) << 8 | u16::from(second.to_ascii_lowercase())
+}
+
+/// The offset of the pair of adjacent bytes of `lower` (a name in ASCII lower case,
+/// of at least two bytes) least common in SQL, by a sample of keywords and
+/// identifiers typical of applications' statements: the prefilter looks closer
+/// wherever a name's anchor occurs, so a rare one makes it look closer seldom.
+fn anchor_of(lower: &[u8]) -> usize {
+    static COMMON_SQL: &[u8] =
+        b"select distinct from where and or not null is in exists between like \
+        ilike as on join left right inner outer full cross lateral using group by order \
+        asc desc nulls first last having limit offset fetch next rows only for update \
+        share nowait skip locked insert into values default returning conflict do \
+        nothing set delete truncate with recursive union all intersect except case \
+        when then else end cast coalesce nullif count sum avg min max now current_date \
+        current_timestamp true false begin commit rollback savepoint release \
+        transaction isolation level read committed show reset create table index view \
+        alter drop primary key references id name status type created_at updated_at \
+        user_id account_id order_id item_id code value amount price quantity total date \
+        description email phone address number balance tenant_id deleted_at version";
+    let count = |pair: &[u8]| {
+        COMMON_SQL
+            .windows(2)
+            .filter(|window| *window == pair)
+            .count()
+    };
+    lower
+        .windows(2)
+        .enumerate()
+        .min_by_key(|(_, pair)| count(pair))
+        .map_or(0, |(offset, _)| offset)
 }
 
 /// Whether `text` starts with `lower` (ASCII lower case), ignoring ASCII case. Most
@@ -527,39 +618,50 @@ fn starts_with_folded(text: &[u8], lower: &[u8]) -> bool {
 impl FromIterator<String> for NameSet {
     fn from_iter<I: IntoIterator<Item = String>>(names: I) -> Self {
         let mut set = NameSet::default();
+        let mut anchor_pairs = Box::new([0u64; 1024]);
         for name in names {
             let bytes = name.as_bytes();
             let bit = Self::bit(bytes.len(), bytes.first().copied(), bytes.last().copied());
             set.bloom[bit / 64] |= 1 << (bit % 64);
             set.may_hide |= bytes.is_empty() || bytes.contains(&b'"');
             set.non_ascii |= !bytes.is_ascii();
-            if set.by_first_byte.is_empty() {
-                set.by_first_byte = vec![Vec::new(); 256];
-            }
             let lower: Box<[u8]> = bytes.to_ascii_lowercase().into();
-            let bucket = usize::from(lower.first().copied().unwrap_or(0));
-            if let Some(&first) = lower.first() {
-                for byte in [first, first.to_ascii_uppercase()] {
-                    set.first_bytes[usize::from(byte >> 6)] |= 1 << (byte & 63);
+            // The anchors: a name's rarest pair, or for a one-byte name, its byte
+            // followed by any byte (or by the end of the text).
+            let anchors: Vec<(usize, u8, u8)> = match *lower {
+                [] => Vec::new(),
+                [only] => (0..=u8::MAX).map(|next| (0, only, next)).collect(),
+                _ => {
+                    let offset = anchor_of(&lower);
+                    vec![(offset, lower[offset], lower[offset + 1])]
                 }
+            };
+            if !set.names.insert(name) {
+                continue;
             }
-            match *lower {
-                [] => {}
-                // Any byte, or the end of the text, may follow a one-byte name.
-                [only] => {
-                    for next in 0..=u8::MAX {
-                        let bit = pair_bit(only, next);
-                        set.first_pairs[bit / 64] |= 1 << (bit % 64);
+            for (offset, first, second) in anchors {
+                for byte in [first, first.to_ascii_uppercase()] {
+                    for next in [second, second.to_ascii_uppercase()] {
+                        let pair = usize::from(byte) << 8 | usize::from(next);
+                        anchor_pairs[pair >> 6] |= 1 << (pair & 63);
                     }
                 }
-                [first, second, ..] => {
-                    let bit = pair_bit(first, second);
-                    set.first_pairs[bit / 64] |= 1 << (bit % 64);
+                let names = set.by_anchor.entry(folded_pair(first, second)).or_default();
+                if !names.iter().any(|known| known.lower == lower) {
+                    names.push(AnchoredName {
+                        anchor_offset: offset,
+                        lower: lower.clone(),
+                    });
                 }
             }
-            if set.names.insert(name) {
-                set.by_first_byte[bucket].push(lower);
+        }
+        if !set.names.is_empty() {
+            // `&` followed by anything: a name written with Unicode escapes may be any.
+            for next in 0..=u8::MAX {
+                let pair = usize::from(b'&') << 8 | usize::from(next);
+                anchor_pairs[pair >> 6] |= 1 << (pair & 63);
             }
+            set.anchor_pairs = Some(anchor_pairs);
         }
         set
     }
@@ -790,6 +892,65 @@ mod tests {
     }
 
     #[test]
+    fn a_name_may_appear_exactly_where_it_occurs_as_a_substring() {
+        // Names anchored anywhere in them, one byte long, non-ASCII and sharing
+        // anchors; texts built from pieces of them at random, in both cases.
+        let names = [
+            "customers",
+            "fetch",
+            "t",
+            "x_y",
+            "客户",
+            "ab",
+            "abab",
+            "select",
+            "_",
+            "order_items",
+        ];
+        let pieces: [&[u8]; 14] = [
+            b"cust",
+            b"omers",
+            b"FE",
+            b"tch",
+            b"T",
+            b"x_",
+            b"Y",
+            "客".as_bytes(),
+            "户".as_bytes(),
+            b"AB",
+            b"ab",
+            b" ",
+            b"sElEcT",
+            b"order_",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |bound: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize % bound
+        };
+        for _ in 0..3000 {
+            let set: NameSet = (0..1 + next(3)).map(|_| names[next(names.len())]).collect();
+            let mut sql = Vec::new();
+            for _ in 0..next(10) {
+                sql.extend_from_slice(pieces[next(pieces.len())]);
+            }
+            let lower = sql.to_ascii_lowercase();
+            let occurs = set.iter().any(|name| {
+                lower
+                    .windows(name.len())
+                    .any(|window| window == name.as_bytes())
+            });
+            assert_eq!(
+                set.may_appear_in(&sql),
+                occurs,
+                "{:?} in {}",
+                set.iter().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&sql)
+            );
+        }
+    }
+
+    #[test]
     fn a_name_the_lexer_finds_always_may_appear() {
         // What the prefilter skips, the lexer must never have found: texts made of
         // fragments that open and close quotes, comments and dollar quotes at random.
@@ -832,6 +993,7 @@ mod tests {
             b"Fetch",
             b"u&",
         ];
+        let pair = NameSetPair::new(sets[0].clone(), sets[1].clone());
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = |bound: usize| {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -856,7 +1018,7 @@ mod tests {
             }
             let [first, second] = [&sets[0], &sets[1]];
             assert_eq!(
-                names_either(&sql, first, second),
+                pair.names_either(&sql),
                 (names_any(&sql, first), names_any(&sql, second)),
                 "{}",
                 String::from_utf8_lossy(&sql)
@@ -873,6 +1035,9 @@ mod tests {
     fn names_either_answers_like_names_any_for_both_sets() {
         let tables: NameSet = ["customers", "Mixed Case"].into_iter().collect();
         let words: NameSet = ["declare", "fetch"].into_iter().collect();
+        let names_either = |sql: &[u8], first: &NameSet, second: &NameSet| {
+            NameSetPair::new(first.clone(), second.clone()).names_either(sql)
+        };
         for sql in [
             &b"SELECT * FROM Customers"[..],
             b"DECLARE c CURSOR FOR SELECT 1",
@@ -899,6 +1064,20 @@ mod tests {
         assert_eq!(
             names_either(b"FETCH 2 FROM c", &tables, &words),
             (false, true)
+        );
+        // Either set may be empty.
+        let none = NameSet::default();
+        assert_eq!(
+            names_either(b"FETCH 2 FROM c", &none, &words),
+            (false, true)
+        );
+        assert_eq!(
+            names_either(b"select * from CUSTOMERS", &tables, &none),
+            (true, false)
+        );
+        assert_eq!(
+            NameSetPair::default().names_either(b"fetch 1 from customers"),
+            (false, false)
         );
         let long: NameSet = [
             "a_very_long_identifier_that_is_longer_than_sixty_four_bytes_by_some_margin_customers",

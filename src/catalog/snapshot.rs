@@ -25,7 +25,7 @@ use crate::policy::file::EncryptMode;
 use crate::policy::{ColumnId, Diagnostic, Policy};
 use crate::sql::encryption::{is_utf8_encoding, Content, EncryptedRelation, RelationColumn};
 use crate::sql::lineage::{ProtectedRelation, RelationColumn as LineageColumn};
-use crate::sqltext::NameSet;
+use crate::sqltext::{NameSet, NameSetPair, CURSOR_WORDS};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 /// Where a result column's values come from, as far as the policy is concerned.
@@ -60,6 +60,8 @@ pub struct CatalogSnapshot {
     /// Names (`relname`, as the catalog spells them) of the relations with protected
     /// columns: policy tables, their partitions and children, views showing them.
     protected_names: NameSet,
+    /// The same names, looked for with the [`CURSOR_WORDS`] in one pass.
+    protected_names_or_cursor_words: NameSetPair,
     /// Relations with encrypted columns (tables, partitions, children, views showing
     /// them) by `relname`, for the analysis of statements.
     encrypted_relations: HashMap<String, Vec<Arc<EncryptedRelation>>>,
@@ -131,16 +133,14 @@ impl CatalogSnapshot {
             || crate::sqltext::names_any(sql, &self.protected_names)
     }
 
-    /// [`Self::names_protected_relation`] and whether the text also holds one of `words`,
-    /// in one lexical pass.
-    pub fn names_protected_relation_or(
+    /// [`Self::names_protected_relation`] and whether the text also holds one of the
+    /// [`CURSOR_WORDS`], in one lexical pass.
+    pub fn names_protected_relation_or_cursor_word(
         &self,
         sql: &[u8],
-        words: &NameSet,
         encoding: &str,
     ) -> (bool, bool) {
-        let (names_protected, names_word) =
-            crate::sqltext::names_either(sql, &self.protected_names, words);
+        let (names_protected, names_word) = self.protected_names_or_cursor_words.names_either(sql);
         (
             names_protected || names_hidden_in(&self.protected_names, encoding),
             names_word,
@@ -439,6 +439,10 @@ impl CatalogSnapshot {
             .keys()
             .filter_map(|(oid, _)| relation_names.get(oid).cloned())
             .collect();
+        snapshot.protected_names_or_cursor_words = NameSetPair::new(
+            snapshot.protected_names.clone(),
+            CURSOR_WORDS.into_iter().collect(),
+        );
         load_relations(client, &mut snapshot, policy).await?;
         snapshot.encrypted_names = snapshot.encrypted_relations.keys().cloned().collect();
         Ok(snapshot)

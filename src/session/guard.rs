@@ -19,7 +19,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use super::crypt::{ClientAction, SessionCrypto, WriteRefusal};
-use super::lineage::{Computed, SessionLineage, StatementRef, CURSOR_WORDS};
+use super::lineage::{Computed, SessionLineage, StatementRef};
 use super::state::{Expected, SessionState};
 use crate::catalog::snapshot::{ColumnSource, Lookup};
 use crate::engine::{Engine, Protection, ProtectionHandle, MEMBERSHIP_TTL};
@@ -34,7 +34,7 @@ use crate::protect::pgtypes::is_text_like;
 use crate::sql::lineage::{
     field_sources, FieldSources, OutputColumn, Sources, StatementKind, StatementLineage,
 };
-use crate::sqltext::{may_modify_data, runs_another_statement, Lexeme, NameSet};
+use crate::sqltext::{may_modify_data, runs_another_statement, Lexeme};
 use crate::wire::bind::{encode_bind, encode_parse};
 use crate::wire::copy_out::{CopyOutError, CopyOutFormat, CopyOutRewriter, FieldChange};
 use crate::wire::frame::encode_frame;
@@ -302,11 +302,6 @@ enum RowKey {
 
 /// Most cursors and portals whose returned rows are remembered.
 const MAX_COUNTED: usize = 4096;
-
-/// Words that send a text to the lineage analysis although it names no protected
-/// relation (see [`CURSOR_WORDS`]).
-static CURSOR_WORD_SET: std::sync::LazyLock<NameSet> =
-    std::sync::LazyLock::new(|| CURSOR_WORDS.into_iter().collect());
 
 /// Parse texts and statement names pgveil sends in place of refused ones start with it:
 /// byte 1 makes the text unparseable and the name one no client uses.
@@ -974,11 +969,10 @@ impl ReadGuard {
         };
         // The hot path: one lexical pass; statements naming no protected relation and
         // no cursor or prepared statement are not parsed.
-        let (names_protected, names_cursor) = self.protection.catalog.names_protected_relation_or(
-            text,
-            &CURSOR_WORD_SET,
-            self.crypto.client_encoding(),
-        );
+        let (names_protected, names_cursor) = self
+            .protection
+            .catalog
+            .names_protected_relation_or_cursor_word(text, self.crypto.client_encoding());
         if !names_protected && !names_cursor {
             return Ok(None);
         }

@@ -13,11 +13,6 @@ use std::sync::Arc;
 use crate::engine::{LineageAnalysis, Protection};
 use crate::sql::lineage::{StatementKind, StatementLineage};
 
-/// Words of statements that make, run or drop cursors and prepared statements: texts
-/// holding one are analysed even when they name no protected relation, so that FETCH
-/// and EXECUTE find what they run.
-pub const CURSOR_WORDS: [&str; 6] = ["declare", "fetch", "move", "prepare", "execute", "close"];
-
 /// Most cursors and prepared statements remembered by name.
 const MAX_NAMES: usize = 4096;
 
