@@ -16,6 +16,9 @@
 #   ROUNDS    interleaved rounds per row; medians are shown (default 4; even
 #             numbers balance the order of pgveil and pgveil+policy)
 #   POLICY_TARGET  the policy/no-policy TPS ratio to meet    (default 0.97)
+#   TARGETS   space-separated targets to run, of direct, pgbouncer, pgveil and
+#             pgveil+policy (default all four; "pgveil pgveil+policy" gives the
+#             policy ratio twice the rounds in the same time)
 #   PGVEIL_WORKERS  pgveil --workers, both pgveils (default: pgveil's own default)
 #   PGVEIL_LOG      pgveil's log filter, both pgveils          (default warn)
 #
@@ -71,6 +74,7 @@ CLIENTS=${CLIENTS:-"1 8"}
 MODES=${MODES:-"simple prepared"}
 ROUNDS=${ROUNDS:-4}
 POLICY_TARGET=${POLICY_TARGET:-0.97}
+TARGET_NAMES=${TARGETS:-"direct pgbouncer pgveil pgveil+policy"}
 
 # shellcheck source=benches/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh" # cds to the repo root
@@ -92,6 +96,11 @@ for m in $MODES; do
     [[ $m == simple || $m == extended || $m == prepared ]] \
         || die "MODES entries must be simple, extended or prepared (got '$m')"
 done
+for t in $TARGET_NAMES; do
+    [[ $t == direct || $t == pgbouncer || $t == pgveil || $t == pgveil+policy ]] \
+        || die "TARGETS entries must be direct, pgbouncer, pgveil or pgveil+policy (got '$t')"
+done
+[[ -n ${TARGET_NAMES// /} ]] || die "TARGETS is empty"
 [[ -n ${CLIENTS// /} ]] || die "CLIENTS is empty"
 [[ -n ${MODES// /} ]] || die "MODES is empty"
 
@@ -266,7 +275,7 @@ check_policy before
 
 # ------------------------------------------------------------- benchmarks ---
 declare -A TPS LAT
-TARGETS=(direct pgbouncer pgveil pgveil+policy)
+read -ra TARGETS <<<"$TARGET_NAMES"
 declare -A PORT_OF=([direct]=$PG_PORT [pgbouncer]=$BOUNCER_PORT [pgveil]=$VEIL_PORT [pgveil+policy]=$POLICY_PORT)
 declare -A PID_OF=([pgbouncer]=$PGBOUNCER_PID [pgveil]=$PGVEIL_PID [pgveil+policy]=$POLICY_PID)
 FAILURES=()
@@ -350,7 +359,10 @@ for key in "${!TPS_RUNS[@]}"; do
 done
 for mode in $MODES; do
     for c in $CLIENTS; do
-        for target in "${TARGETS[@]}"; do
+        for target in direct pgbouncer pgveil pgveil+policy; do
+            if [[ " ${TARGETS[*]} " != *" $target "* ]]; then
+                TPS[$mode/$c/$target]=skipped LAT[$mode/$c/$target]=skipped
+            fi
             [[ -n ${TPS[$mode/$c/$target]:-} ]] || { TPS[$mode/$c/$target]=FAIL; LAT[$mode/$c/$target]=FAIL; }
         done
     done
@@ -393,7 +405,7 @@ done
             v=$mode/$c/pgveil p=$mode/$c/pgveil+policy
             # shellcheck disable=SC2086
             cpu_plain=$(median ${CPU_RUNS[$v]:-}) cpu_policy=$(median ${CPU_RUNS[$p]:-})
-            if [[ $cpu_plain == FAIL || $cpu_policy == FAIL || ${TPS[$v]} == FAIL ]]; then
+            if [[ $cpu_plain == FAIL || $cpu_policy == FAIL || ! ${TPS[$v]} =~ ^[0-9] ]]; then
                 printf '| %s | %s | n/a | n/a | n/a | n/a |\n' "$mode" "$c"
                 continue
             fi
@@ -413,7 +425,18 @@ done
     echo "pgveil+policy TPS / pgveil TPS, target >= $POLICY_TARGET. The paired column is the"
     echo "median of that ratio taken in each round, where the two ran one after the other:"
     echo "it is steadier than the ratio of medians when the machine's speed drifts between"
-    echo "rounds. Every run, TPS, and the paired ratios:"
+    echo "rounds. Over all rounds, the geometric mean of the paired ratios and its 95% interval"
+    echo "(Student's t on the logarithms; one 15-second run of a target spreads by several per"
+    echo "cent on a shared machine, so a difference of 3% takes tens of rounds to resolve):"
+    echo
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            printf -- '- %s/%s: %s\n' "$mode" "$c" \
+                "$(paired_summary "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}")")"
+        done
+    done
+    echo
+    echo "Every run, TPS, and the paired ratios:"
     echo
     for mode in $MODES; do
         for c in $CLIENTS; do
