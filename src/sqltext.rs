@@ -333,6 +333,10 @@ impl NameSetPair {
         }
     }
 
+    pub fn first(&self) -> &NameSet {
+        &self.first
+    }
+
     /// [`names_any`] of both sets in one pass: whether `sql` names one of the first
     /// set, and one of the second.
     pub fn names_either(&self, sql: &[u8]) -> (bool, bool) {

@@ -58,10 +58,9 @@ pub struct CatalogSnapshot {
     /// Protected columns that rules returning rows read (sorted, no duplicates).
     rule_sources: Vec<ColumnId>,
     /// Names (`relname`, as the catalog spells them) of the relations with protected
-    /// columns: policy tables, their partitions and children, views showing them.
-    protected_names: NameSet,
-    /// The same names, looked for with the [`CURSOR_WORDS`] in one pass.
-    protected_names_or_cursor_words: NameSetPair,
+    /// columns: policy tables, their partitions and children, views showing them;
+    /// paired with the [`CURSOR_WORDS`], which the read guard looks for in the same pass.
+    protected_names: NameSetPair,
     /// Relations with encrypted columns (tables, partitions, children, views showing
     /// them) by `relname`, for the analysis of statements.
     encrypted_relations: HashMap<String, Vec<Arc<EncryptedRelation>>>,
@@ -129,8 +128,8 @@ impl CatalogSnapshot {
     /// every text when the names cannot be recognised in that encoding: see
     /// `names_hidden_in`).
     pub fn names_protected_relation(&self, sql: &[u8], encoding: &str) -> bool {
-        names_hidden_in(&self.protected_names, encoding)
-            || crate::sqltext::names_any(sql, &self.protected_names)
+        let names = self.protected_names.first();
+        names_hidden_in(names, encoding) || crate::sqltext::names_any(sql, names)
     }
 
     /// [`Self::names_protected_relation`] and whether the text also holds one of the
@@ -140,9 +139,9 @@ impl CatalogSnapshot {
         sql: &[u8],
         encoding: &str,
     ) -> (bool, bool) {
-        let (names_protected, names_word) = self.protected_names_or_cursor_words.names_either(sql);
+        let (names_protected, names_word) = self.protected_names.names_either(sql);
         (
-            names_protected || names_hidden_in(&self.protected_names, encoding),
+            names_protected || names_hidden_in(self.protected_names.first(), encoding),
             names_word,
         )
     }
@@ -434,13 +433,12 @@ impl CatalogSnapshot {
             }
         }
         snapshot.rule_sources = rule_sources.into_iter().collect();
-        snapshot.protected_names = snapshot
-            .columns
-            .keys()
-            .filter_map(|(oid, _)| relation_names.get(oid).cloned())
-            .collect();
-        snapshot.protected_names_or_cursor_words = NameSetPair::new(
-            snapshot.protected_names.clone(),
+        snapshot.protected_names = NameSetPair::new(
+            snapshot
+                .columns
+                .keys()
+                .filter_map(|(oid, _)| relation_names.get(oid).cloned())
+                .collect(),
             CURSOR_WORDS.into_iter().collect(),
         );
         load_relations(client, &mut snapshot, policy).await?;
