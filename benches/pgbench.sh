@@ -368,6 +368,14 @@ for mode in $MODES; do
     done
 done
 
+# Each round's policy/no-policy ratio, per mode and client count (empty when a run failed).
+declare -A PAIRED
+for mode in $MODES; do
+    for c in $CLIENTS; do
+        PAIRED[$mode/$c]=$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}")
+    done
+done
+
 # ------------------------------------------------------------------ report ---
 {
     echo
@@ -385,7 +393,7 @@ done
     for mode in $MODES; do
         for c in $CLIENTS; do
             d=$mode/$c/direct b=$mode/$c/pgbouncer v=$mode/$c/pgveil p=$mode/$c/pgveil+policy
-            paired=$(paired_ratios "${TPS_RUNS[$v]:-}" "${TPS_RUNS[$p]:-}")
+            paired=${PAIRED[$mode/$c]}
             # shellcheck disable=SC2086
             paired_median=$([[ -n $paired ]] && fmt 2 "$(median $paired)" || echo n/a)
             printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" \
@@ -432,7 +440,7 @@ done
     for mode in $MODES; do
         for c in $CLIENTS; do
             printf -- '- %s/%s: %s\n' "$mode" "$c" \
-                "$(paired_summary "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}")")"
+                "$(paired_summary "${PAIRED[$mode/$c]}")"
         done
     done
     echo
@@ -443,7 +451,7 @@ done
             printf -- '- %s/%s: direct %s| pgbouncer %s| pgveil %s| pgveil+policy %s| paired %s| pgveil µs/tx %s| pgveil+policy µs/tx %s\n' "$mode" "$c" \
                 "${TPS_RUNS[$mode/$c/direct]:-}" "${TPS_RUNS[$mode/$c/pgbouncer]:-}" \
                 "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}" \
-                "$(paired_ratios "${TPS_RUNS[$mode/$c/pgveil]:-}" "${TPS_RUNS[$mode/$c/pgveil+policy]:-}") " \
+                "${PAIRED[$mode/$c]} " \
                 "${CPU_RUNS[$mode/$c/pgveil]:-}" "${CPU_RUNS[$mode/$c/pgveil+policy]:-}"
         done
     done
