@@ -35,6 +35,14 @@ INSERT INTO decoy.customers VALUES (1, 'harmless', 'harmless');
 CREATE TABLE orders (id int PRIMARY KEY, note text);
 INSERT INTO orders VALUES (1, 'an order');
 GRANT ALL ON ALL TABLES IN SCHEMA public, decoy TO PUBLIC;
+CREATE FUNCTION wait_for_test_lock() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    -- A notice makes the server send what it holds (the portal's description) first.
+    RAISE NOTICE 'waiting for the test';
+    PERFORM pg_advisory_lock_shared(4242);
+    PERFORM pg_advisory_unlock_shared(4242);
+    RETURN true;
+END $$;
 GRANT USAGE, CREATE ON SCHEMA public, decoy TO PUBLIC;
 ";
 
@@ -357,6 +365,67 @@ async fn a_result_that_held_nothing_protected_is_checked_again_after_a_policy_re
     let error = clerk.simple_query(read).await.unwrap_err();
     assert_eq!(sqlstate(&error), "42501", "{error:?}");
     assert!(!format!("{error:?}").contains("an order"));
+}
+
+#[tokio::test]
+async fn a_policy_reload_between_a_portals_description_and_its_rows_applies_to_the_rows() {
+    // The rows of a portal whose description shows only columns pgveil remembers as
+    // unprotected stream unseen; if the policy changes after the description came but
+    // before the rows do, the rows must be planned again.
+    let (proxy, path) = proxy_with_policy_file("");
+    let mut clerk = RawClient::login(proxy.port, "clerk", "reload-in-between");
+    let read = "SELECT id, note FROM orders WHERE id = 1 AND wait_for_test_lock()";
+    let mut pipeline = parse_bind("", "p", read);
+    pipeline.extend(frame(b'D', &[vec![b'P'], cstr("p")].concat()));
+    pipeline.extend(execute("p"));
+    pipeline.extend(frame(b'S', &[]));
+
+    // Once with nothing in the way: orders.note is not protected yet, and is remembered so.
+    clerk.send(&pipeline);
+    let messages = clerk.read_until(b'Z');
+    assert_eq!(support::tags(&messages), "12TNDCZ", "{messages:?}");
+    assert!(String::from_utf8_lossy(&messages[4].body).contains("an order"));
+
+    // Again, with the statement held after its description was sent.
+    let holder = cluster().direct().await;
+    holder
+        .execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    clerk.send(&pipeline);
+    let described = clerk.read_until(b'N');
+    assert_eq!(support::tags(&described), "12TN", "{described:?}");
+
+    std::fs::write(
+        &path,
+        format!("{POLICY}\n  public.orders:\n    columns:\n      note: {{ level: L4 }}\n"),
+    )
+    .unwrap();
+    let watcher = proxy.connect("clerk").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            value(&watcher, "SELECT note FROM orders WHERE id = 1").await == Err("42501".into())
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    holder
+        .execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    let messages = clerk.read_until(b'Z');
+    assert!(
+        messages
+            .iter()
+            .all(|m| !String::from_utf8_lossy(&m.body).contains("an order")),
+        "{messages:?}"
+    );
+    let error = messages
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no error: {messages:?}"));
+    assert_eq!(error.field(b'C').as_deref(), Some("42501"), "{messages:?}");
 }
 
 #[tokio::test]

@@ -138,6 +138,11 @@ struct Shaping {
 enum ResultState {
     /// Between results; the first message answering an Execute decides.
     Idle,
+    /// The portal whose description just arrived is executed next, and its columns are
+    /// the ones remembered as unprotected: its rows may stream without being seen,
+    /// unless the protection or the role changes before they come (then the first
+    /// message of its result plans it again, see `begin_execute_result`).
+    Described,
     /// Rows pass untouched.
     Pass,
     Shape(Arc<Shaping>),
@@ -724,10 +729,13 @@ impl ReadGuard {
             return Some(true);
         }
         match tag {
-            // The first row of a result is always seen: the policy in force may have
-            // changed since the last statement, and only `begin_execute_result` looks.
+            // The first row of a result is seen: the policy in force may have changed
+            // since the last statement, and only `begin_execute_result` looks. Except
+            // right after the portal's own description showed nothing protected, while
+            // that still holds.
             b'D' => Some(match self.result {
                 ResultState::Pass => self.row_limit.is_some(),
+                ResultState::Described => !self.described_still_unprotected(),
                 ResultState::Idle => {
                     !self.unrestricted() || self.policy_changed() || self.audit_blocked()
                 }
@@ -1315,6 +1323,10 @@ impl ReadGuard {
             }
             b'd' | b'c' | b'N' => Ok(self.during_result()),
             b'C' | b'I' | b's' | b'E' => {
+                if tag == b'E' && matches!(self.result, ResultState::Described) {
+                    // The Execute failed (or was one pgveil substituted): no rows.
+                    self.result = ResultState::Idle;
+                }
                 let fatal = tag == b'E' && error_is_fatal(body);
                 if tag == b'E' && !fatal {
                     if let Some((refusal, statement)) = self
@@ -1534,8 +1546,16 @@ impl ReadGuard {
 
     /// The first message answering an Execute decides how its rows are treated.
     fn begin_execute_result(&mut self, state: &SessionState) -> Result<(), GuardError> {
-        if !matches!(self.result, ResultState::Idle) {
-            return Ok(());
+        match self.result {
+            ResultState::Idle => {}
+            ResultState::Described => {
+                if self.described_still_unprotected() {
+                    self.result = ResultState::Pass;
+                    return Ok(());
+                }
+                self.result = ResultState::Idle;
+            }
+            _ => return Ok(()),
         }
         let Some(Expected::ExecuteResult {
             portal, sent_after, ..
@@ -1660,7 +1680,7 @@ impl ReadGuard {
         let mut modifies = false;
         let answers_describe = match state.next_expected() {
             Some(Expected::PortalDescription { internal: true, .. }) => {
-                return self.on_internal_description(body);
+                return self.on_internal_description(state, body);
             }
             Some(Expected::StatementDescription { .. } | Expected::PortalDescription { .. }) => {
                 true
@@ -1678,7 +1698,9 @@ impl ReadGuard {
         if !self.unrestricted() {
             if let Some(unprotected) = self.known_unprotected() {
                 if row_description_sources_are(body, &unprotected.columns) {
-                    if !answers_describe {
+                    if answers_describe {
+                        self.describe_next_execute_unprotected(state);
+                    } else {
                         self.pass_unprotected(state);
                     }
                     return Ok(Verdict::Forward);
@@ -1748,12 +1770,17 @@ impl ReadGuard {
     /// The answer to pgveil's own Describe before an Execute: never shown to the client.
     /// Rows are planned when they come; a relation the catalog does not know yet is
     /// looked up now, while nothing waits on it.
-    fn on_internal_description(&mut self, body: &[u8]) -> Result<Verdict, GuardError> {
+    fn on_internal_description(
+        &mut self,
+        state: &SessionState,
+        body: &[u8],
+    ) -> Result<Verdict, GuardError> {
         if self.unrestricted() {
             return Ok(Verdict::Drop);
         }
         if let Some(unprotected) = self.known_unprotected() {
             if row_description_sources_are(body, &unprotected.columns) {
+                self.describe_next_execute_unprotected(state);
                 return Ok(Verdict::Drop);
             }
         }
@@ -1824,7 +1851,9 @@ impl ReadGuard {
                 self.result = ResultState::Denied(report);
                 Ok(Verdict::Drop)
             }
-            ResultState::Idle => Err(GuardError::Unexpected("DataRow outside of a result".into())),
+            ResultState::Idle | ResultState::Described => {
+                Err(GuardError::Unexpected("DataRow outside of a result".into()))
+            }
             ResultState::CopyOut(_) => {
                 Err(GuardError::Unexpected("DataRow inside COPY data".into()))
             }
@@ -1940,6 +1969,54 @@ impl ReadGuard {
         self.audited_columns.clear();
         self.row_limit = None;
         self.result = ResultState::Pass;
+    }
+
+    /// Called when the description of a portal (asked for by the client or by pgveil)
+    /// showed only the columns remembered as unprotected. When the server answers an
+    /// Execute of that same portal next, the result is planned now, as
+    /// `begin_execute_result` would plan it, so that its rows can stream; it is planned
+    /// again when its first message comes if the protection or role changed meanwhile.
+    fn describe_next_execute_unprotected(&mut self, state: &SessionState) {
+        if !matches!(self.result, ResultState::Idle) {
+            return;
+        }
+        let pending = state.pending();
+        let (
+            Some(Expected::PortalDescription {
+                portal: described, ..
+            }),
+            Some(Expected::ExecuteResult {
+                portal, sent_after, ..
+            }),
+        ) = (pending.front(), pending.get(1))
+        else {
+            return;
+        };
+        if described != portal {
+            return;
+        }
+        // Bound with nothing executed in between: had a FETCH or EXECUTE run after
+        // something else, its cursor or statement could have changed since it was
+        // described (`begin_execute_result` decides such portals from their rows). The
+        // client's record of the Bind is used, rather than the session state's, because
+        // it finds the unnamed portal without hashing.
+        let bound_just_before = self
+            .sent
+            .portals
+            .get(portal)
+            .is_some_and(|(_, bound_at)| bound_at == sent_after);
+        if bound_just_before {
+            self.served.clear();
+            self.audited_columns.clear();
+            self.row_limit = None;
+            self.result = ResultState::Described;
+        }
+    }
+
+    /// A result planned from its portal's description (`ResultState::Described`) may
+    /// still pass: the same protection and role, and nothing in doubt since.
+    fn described_still_unprotected(&self) -> bool {
+        !self.policy_changed() && self.known_unprotected().is_some()
     }
 
     /// Starts counting the rows of a result against the role's `max_rows`, when it
