@@ -663,11 +663,18 @@ impl ReadGuard {
     }
 
     /// Picks up a newer policy or catalog, at a statement boundary.
+    #[inline]
     fn sync_protection(&mut self) {
-        // The published generation is an atomic: no lock in the common case.
-        if !self.policy_changed() {
-            return;
+        // The published generation is an atomic: no lock in the common case, and no
+        // call (this runs for every request and result).
+        if self.policy_changed() {
+            self.take_published_protection();
         }
+    }
+
+    /// [`Self::sync_protection`] once something newer was published.
+    #[cold]
+    fn take_published_protection(&mut self) {
         if let Some(current) = self.published.current() {
             if current.generation != self.protection.generation {
                 if !Arc::ptr_eq(&current.policy, &self.protection.policy) {
@@ -1364,9 +1371,12 @@ impl ReadGuard {
                         Ok(Verdict::Replace(self.refuse(&report)))
                     }
                     _ => {
-                        match statement_ended(tag, body, rows_sent) {
-                            Some((outcome, rows)) => self.finish(outcome, rows, None),
-                            None => self.audited_columns.clear(),
+                        // Reading the command tag is for the audit log only.
+                        if self.audit.is_some() {
+                            match statement_ended(tag, body, rows_sent) {
+                                Some((outcome, rows)) => self.finish(outcome, rows, None),
+                                None => self.audited_columns.clear(),
+                            }
                         }
                         Ok(Verdict::Forward)
                     }
