@@ -1975,10 +1975,16 @@ impl ReadGuard {
             // this one are dropped.
             self.lineage.answering_query(*sent_after);
         }
+        self.forget_result_accounting();
+        self.result = ResultState::Pass;
+    }
+
+    /// What a result planned as unprotected does not keep: no protected values to count
+    /// or audit, no rows counted against `max_rows`.
+    fn forget_result_accounting(&mut self) {
         self.served.clear();
         self.audited_columns.clear();
         self.row_limit = None;
-        self.result = ResultState::Pass;
     }
 
     /// Called when the description of a portal (asked for by the client or by pgveil)
@@ -2016,9 +2022,7 @@ impl ReadGuard {
             .get(portal)
             .is_some_and(|(_, bound_at)| bound_at == sent_after);
         if bound_just_before {
-            self.served.clear();
-            self.audited_columns.clear();
-            self.row_limit = None;
+            self.forget_result_accounting();
             self.result = ResultState::Described;
         }
     }
