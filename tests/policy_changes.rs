@@ -346,20 +346,7 @@ async fn a_result_that_held_nothing_protected_is_checked_again_after_a_policy_re
         assert_eq!(note.as_deref(), Some("an order"));
     }
 
-    std::fs::write(
-        &path,
-        format!("{POLICY}\n  public.orders:\n    columns:\n      note: {{ level: L4 }}\n"),
-    )
-    .unwrap();
-    let watcher = proxy.connect("clerk").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            value(&watcher, "SELECT note FROM orders WHERE id = 1").await == Err("42501".into())
-        })
-        .await,
-        "{}",
-        proxy.log()
-    );
+    protect_orders_note(&proxy, &path).await;
     let error = clerk.query_one(&statement, &[]).await.unwrap_err();
     assert_eq!(sqlstate(&error), "42501", "{error:?}");
     let error = clerk.simple_query(read).await.unwrap_err();
@@ -396,20 +383,7 @@ async fn a_policy_reload_between_a_portals_description_and_its_rows_applies_to_t
     let described = clerk.read_until(b'N');
     assert_eq!(support::tags(&described), "12TN", "{described:?}");
 
-    std::fs::write(
-        &path,
-        format!("{POLICY}\n  public.orders:\n    columns:\n      note: {{ level: L4 }}\n"),
-    )
-    .unwrap();
-    let watcher = proxy.connect("clerk").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            value(&watcher, "SELECT note FROM orders WHERE id = 1").await == Err("42501".into())
-        })
-        .await,
-        "{}",
-        proxy.log()
-    );
+    protect_orders_note(&proxy, &path).await;
     holder
         .execute("SELECT pg_advisory_unlock(4242)", &[])
         .await
@@ -523,6 +497,25 @@ async fn a_row_too_large_to_inspect_ends_only_its_session() {
         .unwrap();
     assert!(
         matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("138****5678"))
+    );
+}
+
+/// Rewrites the policy file so that it also protects `orders.note` (L4, which the clerk
+/// may not read), and waits until a new clerk session is refused it.
+async fn protect_orders_note(proxy: &Proxy, path: &std::path::Path) {
+    std::fs::write(
+        path,
+        format!("{POLICY}\n  public.orders:\n    columns:\n      note: {{ level: L4 }}\n"),
+    )
+    .unwrap();
+    let watcher = proxy.connect("clerk").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            value(&watcher, "SELECT note FROM orders WHERE id = 1").await == Err("42501".into())
+        })
+        .await,
+        "{}",
+        proxy.log()
     );
 }
 
