@@ -236,6 +236,10 @@ pub struct ReadGuard {
     /// The last attempt to read them failed: the role cannot be trusted, so the
     /// session is treated as restricted and refused results from relations.
     memberships_unknown: bool,
+    /// [`Self::compute_unrestricted`] for the current role, memberships and policy,
+    /// kept in step by [`Self::role_settled`]: asked several times per message, it
+    /// must not walk the policy each time.
+    unrestricted: bool,
     /// What the client has sent, as far as deciding whether a portal may be described.
     sent: SentRequests,
     /// `pgveil_protected_values_total` counters of the protected columns in the result
@@ -545,7 +549,7 @@ impl ReadGuard {
         let role = protection.policy.role_for(&user, &memberships);
         info!(%user, %database, role = protection.policy.role_name(role), "policy role resolved");
         let memberships_epoch = engine.membership_epoch();
-        ReadGuard {
+        let mut guard = ReadGuard {
             published: engine.handle(&database),
             engine,
             database,
@@ -564,6 +568,7 @@ impl ReadGuard {
             memberships_due: Instant::now() + MEMBERSHIP_TTL,
             memberships_epoch,
             memberships_unknown: false,
+            unrestricted: false,
             sent: SentRequests::default(),
             served: Vec::new(),
             served_rows: 0,
@@ -581,7 +586,9 @@ impl ReadGuard {
             row_limit: None,
             rows_returned: HashMap::new(),
             unprotected: None,
-        }
+        };
+        guard.role_settled();
+        guard
     }
 
     /// The statement that just ended or was refused, for the audit log.
@@ -682,6 +689,7 @@ impl ReadGuard {
                     debug!(role = current.policy.role_name(self.role), "policy changed");
                 }
                 self.protection = current;
+                self.role_settled();
             }
         }
     }
@@ -693,10 +701,25 @@ impl ReadGuard {
 
     /// The role may see every column in plaintext and nothing needs decrypting, so
     /// results pass without inspection.
+    #[inline]
     fn unrestricted(&self) -> bool {
+        debug_assert_eq!(
+            self.unrestricted,
+            self.compute_unrestricted(),
+            "the cached unrestricted flag missed a change of role, memberships or policy"
+        );
+        self.unrestricted
+    }
+
+    fn compute_unrestricted(&self) -> bool {
         !self.memberships_unknown
             && self.protection.policy.is_unrestricted(self.role)
             && !self.protection.policy.encrypts()
+    }
+
+    /// Must follow every change of `role`, `memberships_unknown` or `protection`.
+    fn role_settled(&mut self) {
+        self.unrestricted = self.compute_unrestricted();
     }
 
     /// The login's role memberships were read again (or could not be).
@@ -720,6 +743,7 @@ impl ReadGuard {
                 self.memberships_unknown = true;
             }
         }
+        self.role_settled();
     }
 
     pub fn user(&self) -> &str {
