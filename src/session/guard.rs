@@ -236,6 +236,9 @@ pub struct ReadGuard {
     /// The last attempt to read them failed: the role cannot be trusted, so the
     /// session is treated as restricted and refused results from relations.
     memberships_unknown: bool,
+    /// `memberships_due` was checked against the clock since the client's last bytes
+    /// arrived: the rest of them arrived at the same moment, and need no second look.
+    memberships_checked_in_batch: bool,
     /// [`Self::compute_unrestricted`] for the current role, memberships and policy,
     /// kept in step by [`Self::role_settled`]: asked several times per message, it
     /// must not walk the policy each time.
@@ -568,6 +571,7 @@ impl ReadGuard {
             memberships_due: Instant::now() + MEMBERSHIP_TTL,
             memberships_epoch,
             memberships_unknown: false,
+            memberships_checked_in_batch: false,
             unrestricted: false,
             sent: SentRequests::default(),
             served: Vec::new(),
@@ -778,6 +782,24 @@ impl ReadGuard {
         }
     }
 
+    /// The client's next bytes arrived: the next request reads the clock again.
+    pub fn client_bytes_arrived(&mut self) {
+        self.memberships_checked_in_batch = false;
+    }
+
+    /// The memberships are older than their time to live. The clock is read once for
+    /// the requests that arrived together (a Bind, Describe, Execute and Sync).
+    fn memberships_expired(&mut self) -> bool {
+        if self.memberships_checked_in_batch {
+            return false;
+        }
+        if Instant::now() >= self.memberships_due {
+            return true;
+        }
+        self.memberships_checked_in_batch = true;
+        false
+    }
+
     /// A catalog refresh finished (or failed) for the message that asked for it.
     pub fn catalog_refreshed(&mut self, refresh: Refresh) {
         if let Some(oid) = refresh.unknown_relation {
@@ -799,7 +821,7 @@ impl ReadGuard {
     ) -> Result<Verdict, GuardError> {
         if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
             if self.memberships_epoch != self.engine.membership_epoch()
-                || Instant::now() >= self.memberships_due
+                || self.memberships_expired()
             {
                 return Ok(Verdict::AwaitMemberships);
             }

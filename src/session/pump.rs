@@ -324,6 +324,11 @@ impl Pump {
     /// them), how many more bytes the next inspected message needs, and the error that
     /// stops the pump after the valid messages before it are forwarded.
     fn scan(&mut self, shared: &mut Shared) -> Scanned {
+        if self.direction == Direction::ClientToServer {
+            if let Some(guard) = shared.guard.as_mut() {
+                guard.client_bytes_arrived();
+            }
+        }
         let mut pos = 0;
         let mut copied = 0;
         let result = self.scan_from(shared, &mut pos, &mut copied);
