@@ -1004,7 +1004,11 @@ impl ReadGuard {
                 (parse.query, Some(parse.statement))
             }
             b'B' => {
-                // A statement made by SQL PREPARE can be bound like a protocol one.
+                // A statement made by SQL PREPARE can be bound like a protocol one
+                // (most sessions make none: nothing to look up).
+                if !self.lineage.has_sql_prepared() {
+                    return Ok(None);
+                }
                 let names = BindNames::decode(body)?;
                 if let Some(prepared) = self.lineage.sql_prepared(names.statement) {
                     if let Some((sent, _)) = self.sent.portals.get_mut(names.portal) {
@@ -1261,8 +1265,12 @@ impl ReadGuard {
                     .client_encoding_reported(&String::from_utf8_lossy(encoding));
             }
         }
-        let ends_query_statement = match (tag, state.next_expected()) {
-            (b'C' | b'I', Some(Expected::SimpleQuery { sent_after, .. })) => Some(*sent_after),
+        // Only a completion can end one (the queue is not walked for other messages).
+        let ends_query_statement = match tag {
+            b'C' | b'I' => match state.next_expected() {
+                Some(Expected::SimpleQuery { sent_after, .. }) => Some(*sent_after),
+                _ => None,
+            },
             _ => None,
         };
         let verdict = self.decide(state, tag, body)?;

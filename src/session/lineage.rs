@@ -244,12 +244,14 @@ impl SessionLineage {
         }
     }
 
+    /// Whether SQL PREPARE made any statement still known.
+    #[inline]
+    pub fn has_sql_prepared(&self) -> bool {
+        !self.prepared.is_empty()
+    }
+
     /// The statement SQL PREPARE made under `name` (protocol Bind can run it).
     pub fn sql_prepared(&self, name: &[u8]) -> Option<StatementRef> {
-        // Every protocol Bind asks; most sessions never run SQL PREPARE.
-        if self.prepared.is_empty() {
-            return None;
-        }
         std::str::from_utf8(name)
             .ok()
             .and_then(|name| self.prepared.get(name))
