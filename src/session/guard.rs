@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{debug, info};
 
@@ -333,10 +334,15 @@ const MAX_REMEMBERED_PORTALS: usize = 4096;
 /// (or one bound from a statement pgveil has not seen) is described only when nothing
 /// ran since its Bind; otherwise it is not described and its rows are refused, which
 /// `begin_execute_result` does anyway for such a portal.
+///
+/// Both maps are keyed by names the client chooses, with Fx hashing: every Bind looks
+/// its statement up, and SipHash cost more than the rest of the Bind's bookkeeping.
+/// Fx is not keyed, so a client could choose names that collide; each map is capped
+/// at [`MAX_REMEMBERED_PORTALS`] entries, which bounds what that costs its own session.
 #[derive(Default)]
 struct SentRequests {
     /// Statement name → what is known of its text.
-    statements: HashMap<Vec<u8>, SentStatement>,
+    statements: FxHashMap<Vec<u8>, SentStatement>,
     /// Portal name → what is known of its statement, and the executing requests the
     /// client had sent at its Bind.
     portals: SentPortals,
@@ -352,7 +358,7 @@ struct SentRequests {
 #[derive(Default)]
 struct SentPortals {
     unnamed: Option<(SentStatement, u64)>,
-    named: HashMap<Vec<u8>, (SentStatement, u64)>,
+    named: FxHashMap<Vec<u8>, (SentStatement, u64)>,
 }
 
 impl SentPortals {
