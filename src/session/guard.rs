@@ -232,14 +232,11 @@ pub struct ReadGuard {
     awaited_changes: Option<u64>,
     /// When the login's role memberships are to be read again, and the engine's
     /// membership epoch they were read at (GRANT/REVOKE through pgveil bumps it).
-    memberships_due: Instant,
+    memberships_due: MembershipDeadline,
     memberships_epoch: u64,
     /// The last attempt to read them failed: the role cannot be trusted, so the
     /// session is treated as restricted and refused results from relations.
     memberships_unknown: bool,
-    /// `memberships_due` was checked against the clock since the client's last bytes
-    /// arrived: the rest of them arrived at the same moment, and need no second look.
-    memberships_checked_in_batch: bool,
     /// [`Self::compute_unrestricted`] for the current role, memberships and policy,
     /// kept in step by [`Self::role_settled`]: asked several times per message, it
     /// must not walk the policy each time.
@@ -498,6 +495,47 @@ impl SentRequests {
     }
 }
 
+/// When a session's role memberships are to be read again. The clock is read once
+/// per batch of client bytes: the requests that arrived together (a Bind, Describe,
+/// Execute and Sync) arrived at the same moment, and need no second look.
+#[derive(Debug)]
+struct MembershipDeadline {
+    due: Instant,
+    /// The clock was read in this batch and `due` had not passed.
+    checked_in_batch: bool,
+}
+
+impl MembershipDeadline {
+    fn new(due: Instant) -> Self {
+        MembershipDeadline {
+            due,
+            checked_in_batch: false,
+        }
+    }
+
+    fn set(&mut self, due: Instant) {
+        self.due = due;
+        self.checked_in_batch = false;
+    }
+
+    fn new_batch(&mut self) {
+        self.checked_in_batch = false;
+    }
+
+    /// Whether the deadline has passed; `now` is called at most once per batch while
+    /// it has not.
+    fn passed(&mut self, now: impl FnOnce() -> Instant) -> bool {
+        if self.checked_in_batch {
+            return false;
+        }
+        if now() >= self.due {
+            return true;
+        }
+        self.checked_in_batch = true;
+        false
+    }
+}
+
 /// How soon a failed read of a login's role memberships is tried again.
 const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 
@@ -574,10 +612,9 @@ impl ReadGuard {
             relations_in_doubt: false,
             catalog_out_of_date: false,
             awaited_changes: None,
-            memberships_due: Instant::now() + MEMBERSHIP_TTL,
+            memberships_due: MembershipDeadline::new(Instant::now() + MEMBERSHIP_TTL),
             memberships_epoch,
             memberships_unknown: false,
-            memberships_checked_in_batch: false,
             unrestricted: false,
             sent: SentRequests::default(),
             served: Vec::new(),
@@ -737,7 +774,7 @@ impl ReadGuard {
         self.memberships_epoch = self.engine.membership_epoch();
         match memberships {
             Some(memberships) => {
-                self.memberships_due = Instant::now() + MEMBERSHIP_TTL;
+                self.memberships_due.set(Instant::now() + MEMBERSHIP_TTL);
                 self.memberships_unknown = false;
                 if memberships != self.memberships {
                     self.memberships = memberships;
@@ -749,7 +786,7 @@ impl ReadGuard {
                 }
             }
             None => {
-                self.memberships_due = Instant::now() + MEMBERSHIP_RETRY;
+                self.memberships_due.set(Instant::now() + MEMBERSHIP_RETRY);
                 self.memberships_unknown = true;
             }
         }
@@ -790,20 +827,7 @@ impl ReadGuard {
 
     /// The client's next bytes arrived: the next request reads the clock again.
     pub fn client_bytes_arrived(&mut self) {
-        self.memberships_checked_in_batch = false;
-    }
-
-    /// The memberships are older than their time to live. The clock is read once for
-    /// the requests that arrived together (a Bind, Describe, Execute and Sync).
-    fn memberships_expired(&mut self) -> bool {
-        if self.memberships_checked_in_batch {
-            return false;
-        }
-        if Instant::now() >= self.memberships_due {
-            return true;
-        }
-        self.memberships_checked_in_batch = true;
-        false
+        self.memberships_due.new_batch();
     }
 
     /// A catalog refresh finished (or failed) for the message that asked for it.
@@ -827,7 +851,7 @@ impl ReadGuard {
     ) -> Result<Verdict, GuardError> {
         if matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'F') {
             if self.memberships_epoch != self.engine.membership_epoch()
-                || self.memberships_expired()
+                || self.memberships_due.passed(Instant::now)
             {
                 return Ok(Verdict::AwaitMemberships);
             }
@@ -2961,6 +2985,34 @@ fn transform_field(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_membership_deadline_reads_the_clock_once_per_batch_until_it_passes() {
+        let start = Instant::now();
+        let mut deadline = MembershipDeadline::new(start + Duration::from_secs(60));
+        let reads = std::cell::Cell::new(0);
+        let clock = |at: Instant| {
+            reads.set(reads.get() + 1);
+            at
+        };
+        // Not yet due: the first request of a batch reads the clock, the rest do not.
+        assert!(!deadline.passed(|| clock(start)));
+        assert!(!deadline.passed(|| clock(start + Duration::from_secs(3600))));
+        assert!(!deadline.passed(|| clock(start + Duration::from_secs(3600))));
+        assert_eq!(reads.get(), 1);
+        // The next batch reads it again, and sees the deadline pass.
+        deadline.new_batch();
+        assert!(deadline.passed(|| clock(start + Duration::from_secs(60))));
+        // Passed stays passed, at every request, until the memberships are read again.
+        assert!(deadline.passed(|| clock(start + Duration::from_secs(61))));
+        assert_eq!(reads.get(), 3);
+        // A new deadline is checked at once, even within the batch.
+        deadline.set(start + Duration::from_secs(120));
+        assert!(!deadline.passed(|| clock(start + Duration::from_secs(61))));
+        assert_eq!(reads.get(), 4);
+        deadline.set(start);
+        assert!(deadline.passed(|| clock(start)));
+    }
 
     #[test]
     fn command_rows_reads_the_count_of_row_commands_only() {
