@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    cluster, eventually, free_port, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions,
+    cluster, eventually, free_port, fresh_target_dir, policy_yaml, sqlstate, write_policy, Proxy,
+    ProxyOptions,
 };
 
 const PHONE: &str = "13812345678";
@@ -124,24 +125,8 @@ fn readyz(admin: u16) -> String {
     response
 }
 
-/// A fresh, empty directory for one test's audit log. The target's temp dir outlives
-/// test runs, so a name reused from an earlier run (a free port number was) could hand
-/// a test the files and subdirectories another left behind.
 fn audit_dir() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "audit-log-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => panic!("cannot empty {}: {error}", dir.display()),
-    }
-    std::fs::create_dir_all(&dir).expect("audit dir");
-    dir
+    fresh_target_dir("audit-log")
 }
 
 fn columns(record: &Value) -> Vec<(String, String, String)> {

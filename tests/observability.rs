@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{
-    cluster, eventually, free_port, policy_yaml, sqlstate, write_policy, Proxy, ProxyOptions,
+    cluster, eventually, free_port, fresh_target_dir, policy_yaml, sqlstate, write_policy, Proxy,
+    ProxyOptions,
 };
 
 const PHONE: &str = "13812345678";
@@ -330,8 +331,7 @@ async fn protected_values_served_are_counted_by_role_table_column_and_action() {
 #[test]
 fn audit_verify_counts_an_intact_chain_and_names_the_first_broken_record() {
     use pgveil::observe::audit::{encode, AuditColumn, AuditRecord, GENESIS_HASH};
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("audit-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_target_dir("audit");
     let mut prev = GENESIS_HASH.to_string();
     let mut lines = Vec::new();
     for seq in 1..=3u64 {

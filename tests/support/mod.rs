@@ -110,6 +110,26 @@ pub fn policy_yaml(catalog_user: &str, path: &Path) -> String {
     )
 }
 
+/// A new, empty directory under the target's temp dir, named `prefix-PID-N`. That dir
+/// outlives test runs: a name that can come round again (a port number) could hand a
+/// test the files and subdirectories an earlier run left behind.
+pub fn fresh_target_dir(prefix: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => panic!("cannot empty {}: {error}", dir.display()),
+    }
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
